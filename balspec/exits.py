@@ -1,0 +1,296 @@
+"""Balcony exits: model surgery, initialisation, fingerprints, save and load.
+
+A balcony for exit e is one (or a few) extra decoder layer(s) of the base architecture plus a norm. The
+sub-model of exit e is `embed -> trunk layers 1..e -> balcony_e -> norm_e -> lm_head` with the base's
+own head, shared and frozen. The base model is never modified: balconies live in their own module.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from balspec.errors import BalspecError
+
+FORMAT_VERSION = 1
+NORM_INITS = ("final", "next-input")  # copy of the final norm, or of the input norm of trunk layer e + 1
+LAYER_INITS = ("last", "random")  # copy of the base's last decoder layer (paper), or re-initialised
+WEIGHTS_FILE = "exits.safetensors"
+META_FILE = "balspec.json"
+_FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "rope_theta",
+                       "rope_parameters", "rms_norm_eps", "tie_word_embeddings", "hidden_act")
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The pieces of a Llama-family causal LM that balspec runs one by one."""
+
+    embed: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+    head: nn.Module
+    rotary: nn.Module
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def model_parts(model: nn.Module) -> Parts:
+    inner = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
+        raise BalspecError(f"{type(model).__name__} is not a supported decoder-only model "
+                           "(balspec supports the Llama family: Llama, Mistral, Qwen2/2.5/3, SmolLM2)")
+    return Parts(inner.embed_tokens, inner.layers, inner.norm, model.lm_head, inner.rotary_emb)
+
+
+def validate_exits(exits: list[int], num_layers: int) -> list[int]:
+    """Exit layers must be distinct integers in 1..N-1 (exit N is the full model itself)."""
+    if not exits:
+        raise BalspecError("--exits: give at least one exit layer, e.g. --exits 8,12,16")
+    if len(set(exits)) != len(exits):
+        raise BalspecError(f"--exits: duplicated exit layer in {exits}")
+    bad = [e for e in exits if not 1 <= e < num_layers]
+    if bad:
+        raise BalspecError(f"--exits: {bad} out of range; this model has {num_layers} layers, "
+                           f"so exits must lie in 1..{num_layers - 1}")
+    return sorted(exits)
+
+
+def parse_exits(text: str) -> list[int]:
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise BalspecError(f"--exits: expected comma-separated layer numbers like 8,12,16, got {text!r}") from None
+
+
+class Balcony(nn.Module):
+    """Decoder layer(s) of the base architecture, then a norm; the LM head is the base's."""
+
+    def __init__(self, layers: list[nn.Module], norm: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+    def forward(self, hidden: torch.Tensor, position_embeddings, attention_mask=None, cache=None) -> torch.Tensor:
+        """Hidden states of trunk layer e -> normed balcony output, ready for the LM head."""
+        for layer in self.layers:
+            out = layer(hidden, attention_mask=attention_mask, past_key_values=cache,
+                        position_embeddings=position_embeddings)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self.norm(hidden)
+
+
+class Exits(nn.Module):
+    """All balconies of one base model. Holds no base weights: its state dict is the checkpoint."""
+
+    def __init__(self, balconies: dict[int, Balcony], num_base_layers: int, norm_init: str, layer_init: str):
+        super().__init__()
+        self.exits = sorted(balconies)
+        self.balconies = nn.ModuleDict({str(e): balconies[e] for e in self.exits})
+        self.num_base_layers = num_base_layers
+        self.norm_init = norm_init
+        self.layer_init = layer_init
+        self.balcony_layers = len(next(iter(balconies.values())).layers)
+
+    def __getitem__(self, exit_layer: int) -> Balcony:
+        if exit_layer not in self.exits:
+            raise BalspecError(f"--exit: exit {exit_layer} is not in the loaded checkpoint "
+                               f"(it has {','.join(map(str, self.exits))})")
+        return self.balconies[str(exit_layer)]
+
+    def cache_slots(self, exit_layer: int) -> list[int]:
+        """KV-cache slots of this exit's balcony layers; slots 0..N-1 belong to the trunk."""
+        first = self.num_base_layers + self.exits.index(exit_layer) * self.balcony_layers
+        return list(range(first, first + self.balcony_layers))
+
+    @property
+    def num_cache_slots(self) -> int:
+        return self.num_base_layers + len(self.exits) * self.balcony_layers
+
+    def num_parameters(self, exit_layer: int) -> int:
+        return sum(p.numel() for p in self[exit_layer].parameters())
+
+
+def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", layer_init: str = "last",
+                 balcony_layers: int = 1, seed: int = 0) -> Exits:
+    """Build balconies for `exits` on a frozen `model`, initialised from its own weights."""
+    parts = model_parts(model)
+    exits = validate_exits(list(exits), parts.num_layers)
+    if norm_init not in NORM_INITS:
+        raise BalspecError(f"exits.norm_init: {norm_init!r} is not one of {', '.join(NORM_INITS)}")
+    if layer_init not in LAYER_INITS:
+        raise BalspecError(f"exits.layer_init: {layer_init!r} is not one of {', '.join(LAYER_INITS)}")
+    if balcony_layers < 1:
+        raise BalspecError("exits.balcony_layers: must be at least 1")
+    generator = torch.Generator().manual_seed(seed)
+    balconies = {}
+    for e in exits:
+        layers = [copy.deepcopy(parts.layers[-1]) for _ in range(balcony_layers)]
+        if layer_init == "random":
+            for layer in layers:
+                _reinit(layer, model.config, generator)
+        source_norm = parts.norm if norm_init == "final" else parts.layers[e].input_layernorm
+        balconies[e] = Balcony(layers, copy.deepcopy(source_norm))
+    out = Exits(balconies, parts.num_layers, norm_init, layer_init)
+    for e in exits:  # a deep copy keeps the last trunk layer's cache slot: give each balcony its own
+        for layer, slot in zip(out[e].layers, out.cache_slots(e)):
+            layer.self_attn.layer_idx = slot
+    out.requires_grad_(True)
+    return out.to(parts.head.weight.device)
+
+
+def _reinit(layer: nn.Module, config, generator: torch.Generator) -> None:
+    std = getattr(config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith("layernorm.weight") or "norm" in name:
+                p.fill_(1.0)
+            elif p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+            else:
+                p.zero_()
+
+
+def config_fingerprint(config) -> str:
+    fields = {k: getattr(config, k, None) for k in _FINGERPRINT_FIELDS}
+    return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A hash of a fixed sample of every base weight, rounded to bf16 so fp32 and bf16 loads agree."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().flatten()
+        stride = max(1, flat.numel() // 2048)
+        sample = flat[::stride][:2048].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def base_model_info(model: nn.Module) -> dict:
+    return {"name": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+            "revision": getattr(model.config, "_commit_hash", None),
+            "num_layers": model_parts(model).num_layers,
+            "config_fingerprint": config_fingerprint(model.config),
+            "weights_fingerprint": weights_fingerprint(model)}
+
+
+def save_exits(exits: Exits, model: nn.Module, path: str | Path, dtype: torch.dtype | None = None,
+               training: dict | None = None) -> Path:
+    """Write `exits.safetensors` and `balspec.json` atomically (temp file + rename, JSON last)."""
+    from safetensors.torch import save_file
+
+    from balspec import __version__
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in exits.state_dict().items()}
+    weights_tmp = _temp_in(path, WEIGHTS_FILE)
+    save_file(tensors, weights_tmp, metadata={"format": "pt"})
+    meta = {"format_version": FORMAT_VERSION, "balspec_version": __version__,
+            "base_model": base_model_info(model), "exits": exits.exits, "norm_init": exits.norm_init,
+            "layer_init": exits.layer_init, "balcony_layers": exits.balcony_layers,
+            "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
+            "weights_sha256": _sha256(weights_tmp), "training": training or {}}
+    os.replace(weights_tmp, path / WEIGHTS_FILE)
+    _write_json_atomic(path / META_FILE, meta)
+    return path
+
+
+def read_meta(path: str | Path) -> dict:
+    """The checkpoint's `balspec.json`, checked for shape; a clear error for anything else."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BalspecError(f"--exits-path: {path} is not a directory")
+    meta_file = path / META_FILE
+    if not meta_file.exists() or not (path / WEIGHTS_FILE).exists():
+        raise BalspecError(f"--exits-path: {path} is not an exits checkpoint (needs {META_FILE} and {WEIGHTS_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text())
+        assert isinstance(meta, dict) and isinstance(meta["exits"], list) and "base_model" in meta
+    except (ValueError, KeyError, AssertionError):
+        raise BalspecError(f"{meta_file} is corrupt or not a balspec checkpoint file") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise BalspecError(f"{meta_file}: format version {meta.get('format_version')} is not supported "
+                           f"(this balspec reads version {FORMAT_VERSION})")
+    return meta
+
+
+def check_base(meta: dict, model: nn.Module, where: str) -> None:
+    base = meta["base_model"]
+    if base.get("config_fingerprint") != config_fingerprint(model.config):
+        raise BalspecError(f"{where} was trained for another base model ({base.get('name')}, "
+                           f"{base.get('num_layers')} layers), not the loaded one "
+                           f"({model.config._name_or_path}, {model_parts(model).num_layers} layers)")
+    if base.get("weights_fingerprint") != weights_fingerprint(model):
+        raise BalspecError(f"{where} was trained for base model {base.get('name')} with different weights "
+                           "(weight fingerprint mismatch): load the exact base model it was trained on")
+
+
+def load_exits(model: nn.Module, path: str | Path) -> tuple[Exits, dict]:
+    """Load an exits checkpoint onto `model`, refusing another base model or a damaged file."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_meta(path)
+    check_base(meta, model, str(path))
+    if _sha256(path / WEIGHTS_FILE) != meta.get("weights_sha256"):
+        raise BalspecError(f"{path / WEIGHTS_FILE} is corrupt or truncated (checksum does not match {META_FILE})")
+    try:
+        tensors = load_file(path / WEIGHTS_FILE)
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise BalspecError(f"{path / WEIGHTS_FILE} is corrupt: {e}") from None
+    exits = attach_exits(model, meta["exits"], meta.get("norm_init", "final"), "last",
+                         meta.get("balcony_layers", 1))
+    exits.layer_init = meta.get("layer_init", "last")
+    missing, unexpected = exits.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise BalspecError(f"{path / WEIGHTS_FILE} does not match {META_FILE} "
+                           f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
+    exits.to(dtype=model_parts(model).head.weight.dtype).requires_grad_(False).eval()
+    return exits, meta
+
+
+def _temp_in(directory: Path, name: str) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+    os.close(fd)
+    return tmp
+
+
+def _write_json_atomic(target: Path, obj: dict) -> None:
+    tmp = _temp_in(target.parent, target.name)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def _json_default(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Path):
+        return str(x)
+    return str(x)
+
+
+def _sha256(file: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
