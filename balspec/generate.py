@@ -1,0 +1,251 @@
+"""The three modes of inference and the public Python API.
+
+    import balspec
+    bm = balspec.load()                                   # default model and its shipped exits
+    out = bm.generate("Hi!", mode="speculative", exit=12, draft_len=4, max_new_tokens=128)
+    out.text, out.token_ids, out.stats.acceptance_rate, out.stats.tokens_per_second
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from balspec.errors import BalspecError
+from balspec.exits import Exits, load_exits
+from balspec.models import DEFAULT_ALIASES, default_device, load_model
+from balspec.sampling import Sampling, choose
+from balspec.speculative import AUTO_MAX_DRAFT, Cycle, Engine, _sync
+
+MODES = ("full", "early-exit", "speculative")
+DEFAULT_EXITS_DIR = Path(__file__).parent / "default_exits"
+
+
+@dataclass
+class GenerationStats:
+    mode: str
+    exit: int | None
+    draft_len: int | str | None
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    cycles: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    accepted_lengths: list[int] = field(default_factory=list)  # accepted drafts per cycle
+    seconds: float = 0.0  # wall time of prefill + decoding, device-synchronised
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """tau: tokens emitted per verify cycle, the bonus token included."""
+        return (self.accepted + self.cycles) / self.cycles if self.cycles else None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "acceptance_rate": self.acceptance_rate,
+                "mean_accepted_length": self.mean_accepted_length, "tokens_per_second": self.tokens_per_second}
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]  # the generated tokens only, not the prompt
+    stats: GenerationStats
+    stop_reason: str  # "eos", "stop" (a stop string) or "length"
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "stop_reason": self.stop_reason,
+                "stats": self.stats.to_dict()}
+
+
+def default_exits_path(model_name: str | None) -> Path | None:
+    """The exits shipped inside the package for the embedded default model, if any."""
+    if model_name in DEFAULT_ALIASES and (DEFAULT_EXITS_DIR / "balspec.json").exists():
+        return DEFAULT_EXITS_DIR
+    return None
+
+
+def load(model: str | None = None, exits: str | Path | None = None, dtype: str = "float32",
+         device: str | None = None) -> "BalconyModel":
+    """Load a base model (default: the embedded SmolLM2-135M-Instruct) and an exits checkpoint.
+
+    exits=None loads the shipped exits of the default model; other models run `full` mode only until
+    given an exits checkpoint (train one with `balspec train`).
+    """
+    hf_model, tokenizer = load_model(model, dtype, device or default_device())
+    path = Path(exits) if exits is not None else default_exits_path(model)
+    exit_modules, meta = load_exits(hf_model, path) if path is not None else (None, None)
+    return BalconyModel(hf_model, tokenizer, exit_modules, meta)
+
+
+class BalconyModel:
+    """A frozen causal LM, its balcony exits and the engine that decodes with them (batch size 1)."""
+
+    def __init__(self, model, tokenizer, exits: Exits | None = None, meta: dict | None = None,
+                 draft_vocab: torch.Tensor | None = None):
+        self.model, self.tokenizer, self.exit_modules, self.meta = model, tokenizer, exits, meta or {}
+        self.engine = Engine(model, exits, draft_vocab)
+        self.device = self.engine.device
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+
+    @property
+    def exits(self) -> list[int]:
+        return self.exit_modules.exits if self.exit_modules is not None else []
+
+    @property
+    def defaults(self) -> dict:
+        """Generation defaults recorded with the exits (chosen by measurement), else a middle exit, k = 4."""
+        recorded = self.meta.get("defaults", {})
+        middle = self.exits[len(self.exits) // 2] if self.exits else None
+        return {"mode": recorded.get("mode", "speculative" if self.exits else "full"),
+                "exit": recorded.get("exit", middle), "draft_len": recorded.get("draft_len", 4)}
+
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        if not prompt or not prompt.strip():
+            raise BalspecError("the prompt is empty")
+        if chat and self.tokenizer.chat_template:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def generate(self, prompt: str | list[int], mode: str | None = None, exit: int | None = None,
+                 draft_len: int | str | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool = True,
+                 stop: list[str] | None = None, eos: bool = True,
+                 on_cycle: Callable[[list[int], list[int]], None] | None = None) -> GenerationOutput:
+        """Generate from `prompt` (text, chat-formatted unless chat=False, or token ids).
+
+        on_cycle(tokens, rejected_drafts) is called as tokens are decided, for streaming.
+        """
+        mode = mode or self.defaults["mode"]
+        if mode not in MODES:
+            raise BalspecError(f"--mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        exit_layer = self._check_exit(mode, exit)
+        k, adaptive = self._check_draft_len(mode, draft_len)
+        sampling = Sampling(temperature, top_k, top_p)
+        if max_new_tokens < 1:
+            raise BalspecError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise BalspecError("the prompt is empty")
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context is not None and len(ids) + max_new_tokens > context:
+            raise BalspecError(f"prompt ({len(ids)} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds "
+                               f"the model's context of {context} tokens")
+        generator = None
+        if not sampling.greedy:
+            generator = torch.Generator(self.device)
+            generator.manual_seed(seed if seed is not None else torch.seed())
+        stats = GenerationStats(mode, exit_layer, ("auto" if adaptive else k) if mode == "speculative" else None,
+                                prompt_tokens=len(ids))
+        stopper = _Stopper(self.tokenizer, self.eos_ids if eos else set(), stop or [], max_new_tokens)
+        with torch.inference_mode():
+            self._decode(ids, mode, exit_layer, k, adaptive, sampling, generator, stats, stopper, on_cycle)
+        stats.new_tokens = len(stopper.tokens)
+        return GenerationOutput(stopper.text(), stopper.tokens, stats, stopper.reason)
+
+    def _decode(self, ids, mode, exit_layer, k, adaptive, sampling, generator, stats, stopper, on_cycle):
+        engine = self.engine
+        engine.reset(len(ids) + stopper.budget + AUTO_MAX_DRAFT + 2)
+        prompt = torch.tensor([ids], device=self.device)  # [1, P]
+        _sync(self.device)
+        t0 = time.perf_counter()
+        first = choose(engine.prefill(prompt, mode, exit_layer), sampling, generator).item()
+        done = stopper.add([first])
+        if on_cycle:
+            on_cycle([first], [])
+        while not done:
+            start = len(ids) + len(stopper.tokens) - 1  # position of the pending token
+            pending = torch.tensor([[stopper.tokens[-1]]], device=self.device)
+            if mode == "speculative":
+                cycle = engine.cycle(pending, start, exit_layer, min(k, stopper.remaining - 1), sampling,
+                                     generator, adaptive)
+                stats.cycles += 1
+                stats.drafted += len(cycle.drafts)
+                stats.accepted += cycle.accepted
+                stats.accepted_lengths.append(cycle.accepted)
+            else:
+                token = choose(engine.step(pending, start, mode, exit_layer), sampling, generator).item()
+                cycle = Cycle(tokens=[token], drafts=[], accepted=0)
+            done = stopper.add(cycle.tokens)
+            if on_cycle:
+                on_cycle(cycle.tokens, cycle.drafts[cycle.accepted:])
+        _sync(self.device)
+        stats.seconds = time.perf_counter() - t0
+
+    def _check_exit(self, mode: str, exit_layer: int | None) -> int | None:
+        if mode == "full":
+            return None
+        if not self.exits:
+            raise BalspecError(f"--mode {mode} needs exits: pass --exits-path (train them with `balspec train`)")
+        exit_layer = exit_layer if exit_layer is not None else self.defaults["exit"]
+        self.exit_modules[exit_layer]  # raises a clear error for an exit the checkpoint lacks
+        return exit_layer
+
+    def _check_draft_len(self, mode: str, draft_len: int | str | None) -> tuple[int, bool]:
+        draft_len = draft_len if draft_len is not None else self.defaults["draft_len"]
+        if draft_len == "auto":
+            return AUTO_MAX_DRAFT, True
+        try:
+            k = int(draft_len)
+        except (TypeError, ValueError):
+            raise BalspecError(f"--draft-len must be a whole number >= 1 or 'auto', got {draft_len!r}") from None
+        if k < 1:
+            raise BalspecError(f"--draft-len must be >= 1, got {k}")
+        return k, False
+
+
+class _Stopper:
+    """Collects emitted tokens and decides when to stop: EOS, a stop string or the token budget.
+
+    EOS or a stop string may arrive inside a cycle's accepted drafts: everything after it is cut.
+    """
+
+    def __init__(self, tokenizer, eos_ids: set[int], stop: list[str], budget: int):
+        self.tokenizer, self.eos_ids, self.stop, self.budget = tokenizer, eos_ids, [s for s in stop if s], budget
+        self.tokens: list[int] = []
+        self.reason = "length"
+        self._cut: int | None = None  # text length where a stop string begins
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - len(self.tokens)
+
+    def add(self, new: list[int]) -> bool:
+        for token in new:
+            self.tokens.append(token)
+            if token in self.eos_ids:
+                self.reason = "eos"
+                return True
+            if self.stop and self._hit_stop():
+                self.reason = "stop"
+                return True
+            if len(self.tokens) >= self.budget:
+                return True
+        return False
+
+    def _hit_stop(self) -> bool:
+        tail = self.tokenizer.decode(self.tokens[-(max(map(len, self.stop)) + 8):], skip_special_tokens=True)
+        if not any(s in tail for s in self.stop):
+            return False
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self._cut = min(text.find(s) for s in self.stop if s in text)
+        return True
+
+    def text(self) -> str:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return text[:self._cut] if self._cut is not None else text
