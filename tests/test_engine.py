@@ -1,0 +1,213 @@
+"""Exactness of the engine on tiny random models (fp32, CPU): greedy speculative == full greedy."""
+
+import pytest
+import torch
+
+from balspec.errors import BalspecError
+from balspec.exits import attach_exits
+from balspec.generate import BalconyModel
+from balspec.sampling import Sampling
+from balspec.tiny import tiny_model, tiny_tokenizer
+
+EXITS = [1, 3, 4]
+
+
+def sharp_model(num_layers=6, seed=0):
+    """A tiny random model with large weights, so that greedy outputs vary and drafts often miss."""
+    model = tiny_model(num_layers=num_layers, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model
+
+
+def make_bm(model=None, exits=EXITS):
+    model = model or sharp_model()
+    modules = attach_exits(model, exits).requires_grad_(False).eval()
+    return BalconyModel(model, tiny_tokenizer(), modules)
+
+
+def identity_tail(model, first):
+    """Make trunk layers first+1..N the identity: zero the projections that write into the residual."""
+    with torch.no_grad():
+        for layer in model.model.layers[first:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def bm():
+    return make_bm()
+
+
+@pytest.mark.parametrize("prompt_len, draft_lens", [(1, [1, 4, "auto"]), (6, [2, 5]), (23, [3, 6])])
+def test_speculative_greedy_equals_full(bm, prompt_len, draft_lens):
+    ids = [(7 * i + 11) % 250 + 3 for i in range(prompt_len)]
+    full = bm.generate(ids, mode="full", max_new_tokens=30, eos=False)
+    assert len(full.token_ids) == 30
+    for exit_layer in EXITS:
+        for k in draft_lens:
+            out = bm.generate(ids, mode="speculative", exit=exit_layer, draft_len=k, max_new_tokens=30, eos=False)
+            assert out.token_ids == full.token_ids, (exit_layer, k)
+            assert out.stats.cycles >= 4  # several verify rounds happened
+            assert sum(out.stats.accepted_lengths) == out.stats.accepted
+
+
+def test_some_drafts_accepted_and_some_rejected(bm):
+    out = bm.generate(list(range(10, 20)), mode="speculative", exit=4, draft_len=3, max_new_tokens=40, eos=False)
+    assert 0 < out.stats.accepted < out.stats.drafted
+
+
+def test_full_mode_equals_plain_forward_greedy():
+    bm = make_bm()
+    ids = list(range(20, 32))
+    out = bm.generate(ids, mode="full", max_new_tokens=12, eos=False)
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(bm.model(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert out.token_ids == seq[len(ids):]
+
+
+def test_every_draft_accepted_when_balcony_reproduces_full_model():
+    # layers 4..6 are identity and the balcony copies the (identity) last layer and the final norm:
+    # the sub-model of exit 3 computes exactly the full model
+    model = identity_tail(sharp_model(), 3)
+    bm = make_bm(model, exits=[3])
+    # 21 = the prefill's token + 4 cycles of 5, so no cycle is shortened by the budget
+    full = bm.generate([5, 6, 7], mode="full", max_new_tokens=21, eos=False)
+    out = bm.generate([5, 6, 7], mode="speculative", exit=3, draft_len=4, max_new_tokens=21, eos=False)
+    assert out.token_ids == full.token_ids
+    assert out.stats.acceptance_rate == 1.0
+    assert out.stats.mean_accepted_length == 5.0  # k accepted + the bonus, every full cycle
+
+
+def test_no_draft_accepted_when_balcony_is_adversarial():
+    model = identity_tail(sharp_model(), 3)
+    bm = make_bm(model, exits=[3])
+    with torch.no_grad():  # a negated norm negates the draft logits: the draft picks the full model's argmin
+        bm.exit_modules[3].norm.weight.neg_()
+    full = bm.generate([5, 6, 7], mode="full", max_new_tokens=20, eos=False)
+    out = bm.generate([5, 6, 7], mode="speculative", exit=3, draft_len=3, max_new_tokens=20, eos=False)
+    assert out.token_ids == full.token_ids
+    assert out.stats.accepted == 0 and out.stats.drafted > 0
+    assert out.stats.mean_accepted_length == 1.0
+
+
+def test_early_exit_equals_sub_model_composed_by_hand(bm):
+    ids = list(range(40, 49))
+    out = bm.generate(ids, mode="early-exit", exit=3, max_new_tokens=15, eos=False)
+    model, balcony = bm.model, bm.exit_modules[3]
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(15):
+            h = model(torch.tensor([seq]), output_hidden_states=True).hidden_states[3]
+            positions = torch.arange(len(seq))[None]
+            normed = balcony(h, model.model.rotary_emb(h, positions))
+            seq.append(int(model.lm_head(normed)[0, -1].argmax()))
+    assert out.token_ids == seq[len(ids):]
+
+
+def test_early_exit_never_runs_deeper_layers(bm):
+    calls = count_layer_calls(bm)
+    bm.generate(list(range(5, 12)), mode="early-exit", exit=3, max_new_tokens=8, eos=False)
+    assert calls[:3] == [8, 8, 8] and calls[3:] == [0, 0, 0]
+
+
+def count_layer_calls(bm):
+    calls = [0] * len(bm.model.model.layers)
+    for i, layer in enumerate(bm.model.model.layers):
+        layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+def test_verify_skips_trunk_layers_already_run():
+    bm = make_bm()
+    calls = count_layer_calls(bm)
+    out = bm.generate(list(range(5, 12)), mode="speculative", exit=3, draft_len=4, max_new_tokens=30, eos=False)
+    cycles, drafted = out.stats.cycles, out.stats.drafted
+    # layers 1..e run once per drafted token plus once for d_k (or t) per cycle, plus the prefill
+    assert calls[:3] == [1 + drafted + cycles] * 3
+    # layers e+1..N run once per cycle (one batched verify pass), plus the prefill
+    assert calls[3:] == [1 + cycles] * 3
+
+
+def test_verify_logits_and_cache_lengths_after_rollback():
+    bm = make_bm()
+    engine, e, k = bm.engine, 3, 4
+    ids = list(range(30, 41))
+    prompt = torch.tensor([ids])
+    engine.reset(64)
+    with torch.inference_mode():
+        first = int(engine.prefill(prompt, "speculative", e)[0].argmax())
+        start = len(ids)
+        cycle = engine.cycle(torch.tensor([[first]]), start, e, k, Sampling(), None)
+        kept = start + cycle.accepted + 1
+        assert engine.cache.lengths[:6] == [kept] * 6
+        assert engine.cache.lengths[bm.exit_modules.cache_slots(e)[0]] == kept
+        # verify logits over t, d_1..d_k equal a plain forward over the same tokens
+        seq = torch.tensor([ids + [first] + cycle.drafts])
+        engine.reset(64)
+        engine.prefill(prompt, "speculative", e)
+        hidden = engine.run_layers(engine.embed(seq[:, start:]), 0, e, start)
+        p_logits = engine.full_logits(engine.run_layers(hidden, e, 6, start))[0]
+        reference = bm.model(seq).logits[0, start:]
+    torch.testing.assert_close(p_logits, reference, atol=1e-4, rtol=1e-4)
+    assert cycle.tokens[:-1] == cycle.drafts[:cycle.accepted]
+    assert cycle.tokens[-1] == int(reference[cycle.accepted].argmax())
+
+
+def test_max_new_tokens_exact(bm):
+    for n in [1, 2, 7, 13]:
+        out = bm.generate(list(range(9, 19)), mode="speculative", exit=4, draft_len=5, max_new_tokens=n, eos=False)
+        assert len(out.token_ids) == n and out.stop_reason == "length"
+
+
+def test_eos_inside_accepted_drafts_cuts_there():
+    model = identity_tail(sharp_model(), 3)
+    bm = make_bm(model, exits=[3])
+    full = bm.generate([5, 6, 7], mode="full", max_new_tokens=25, eos=False).token_ids
+    eos = full[6]  # declare a token the model emits mid-cycle to be EOS
+    bm.eos_ids = {eos}
+    out = bm.generate([5, 6, 7], mode="speculative", exit=3, draft_len=4, max_new_tokens=25)
+    cut = full.index(eos)
+    assert out.token_ids == full[:cut + 1] and out.stop_reason == "eos"
+    assert bm.generate([5, 6, 7], mode="full", max_new_tokens=25).token_ids == out.token_ids
+
+
+def test_stop_string_inside_drafts(bm):
+    full = bm.generate([50, 51, 52], mode="full", max_new_tokens=30, eos=False)
+    stop = bm.tokenizer.decode(full.token_ids[8:10])
+    out = bm.generate([50, 51, 52], mode="speculative", exit=4, draft_len=4, max_new_tokens=30, stop=[stop], eos=False)
+    assert out.stop_reason == "stop"
+    assert stop not in out.text and full.text.startswith(out.text)
+    assert out.token_ids == full.token_ids[:len(out.token_ids)]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mode": "speculative", "exit": 2}, "exit 2 is not in the loaded checkpoint"),
+    ({"mode": "speculative", "exit": 3, "draft_len": 0}, "--draft-len must be >= 1"),
+    ({"mode": "speculative", "exit": 3, "draft_len": "many"}, "--draft-len"),
+    ({"mode": "full", "temperature": -1.0}, "--temperature must be >= 0"),
+    ({"mode": "full", "temperature": 1.0, "top_p": 0.0}, "--top-p must lie in (0, 1]"),
+    ({"mode": "full", "temperature": 1.0, "top_p": 1.5}, "--top-p must lie in (0, 1]"),
+    ({"mode": "fastest"}, "unknown mode"),
+    ({"mode": "full", "max_new_tokens": 2000}, "exceeds the model's context"),
+])
+def test_bad_input_is_one_clear_error(bm, kwargs, message):
+    with pytest.raises(BalspecError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        bm.generate("hello", **kwargs)
+
+
+def test_empty_prompt_is_an_error(bm):
+    with pytest.raises(BalspecError, match="empty"):
+        bm.generate("   ", mode="full")
+
+
+def test_no_exits_loaded_means_full_only():
+    bm = BalconyModel(sharp_model(), tiny_tokenizer(), None)
+    assert bm.generate("hi", max_new_tokens=3, eos=False).stats.mode == "full"
+    with pytest.raises(BalspecError, match="needs exits"):
+        bm.generate("hi", mode="speculative")

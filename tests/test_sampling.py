@@ -1,0 +1,99 @@
+"""Accept/reject logic with hand-written distributions, and distribution preservation (chi-square)."""
+
+import math
+
+import torch
+
+from balspec.sampling import Sampling, accept_greedy, accept_sampling, probabilities
+from tests.test_engine import make_bm
+
+
+def chi2_critical(df: int, z: float = 3.09) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile; z = 3.09 is a 0.1% false-alarm rate."""
+    a = 2 / (9 * df)
+    return df * (1 - a + z * math.sqrt(a)) ** 3
+
+
+def chi2(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token with zero probability was emitted"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
+
+
+def test_accept_greedy_none_some_all():
+    assert accept_greedy([5, 6, 7], [1, 6, 7, 9]) == (0, 1)
+    assert accept_greedy([5, 6, 7], [5, 6, 2, 9]) == (2, 2)
+    assert accept_greedy([5, 6, 7], [5, 6, 7, 9]) == (3, 9)
+    assert accept_greedy([], [4]) == (0, 4)
+
+
+def test_accept_sampling_all_when_draft_equals_target():
+    p = torch.tensor([[0.2, 0.8], [0.5, 0.5], [0.0, 1.0]])
+    n, token, drafts = accept_sampling(torch.tensor([1, 0]), p, p[:2].clone(), torch.Generator().manual_seed(0))
+    assert (n, drafts) == (2, [1, 0]) and token == 1  # the bonus comes from p_3, which is all on token 1
+
+
+def test_accept_sampling_rejects_token_target_never_emits():
+    p = torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.3, 0.4]])
+    q = torch.tensor([[0.0, 1.0, 0.0]])
+    n, token, _ = accept_sampling(torch.tensor([1]), p, q, torch.Generator().manual_seed(0))
+    assert n == 0 and token == 0  # rejected; the residual max(0, p - q) is all on token 0
+
+
+def test_accept_sampling_some():
+    p = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+    q = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    n, token, _ = accept_sampling(torch.tensor([1, 1]), p, q, torch.Generator().manual_seed(0))
+    assert (n, token) == (1, 0)
+
+
+def test_top_k_top_p_processing():
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))
+    torch.testing.assert_close(probabilities(logits, Sampling(1.0, top_k=2)), torch.tensor([2 / 3, 1 / 3, 0, 0]))
+    torch.testing.assert_close(probabilities(logits, Sampling(1.0, top_p=0.7)), torch.tensor([2 / 3, 1 / 3, 0, 0]))
+    torch.testing.assert_close(probabilities(logits, Sampling(1.0, top_p=0.5)), torch.tensor([1.0, 0, 0, 0]))
+
+
+def test_rejection_sampling_preserves_target_distribution():
+    """The first emitted token of a cycle follows p_1 exactly, whatever q is."""
+    gen = torch.Generator().manual_seed(1)
+    vocab, k, trials = 6, 3, 20000
+    p = torch.softmax(torch.randn(k + 1, vocab, generator=gen) * 1.5, -1)
+    q = torch.softmax(torch.randn(k, vocab, generator=gen) * 1.5, -1)
+    counts = torch.zeros(vocab)
+    for _ in range(trials):
+        drafts = torch.stack([torch.multinomial(q[i], 1, generator=gen)[0] for i in range(k)])
+        n, token, drafted = accept_sampling(drafts, p, q, gen)
+        counts[drafted[0] if n > 0 else token] += 1
+    stat, df = chi2(counts, p[0])
+    assert stat < chi2_critical(df), (stat, counts / trials, p[0])
+
+
+def test_speculative_sampling_matches_full_model_distribution():
+    """End to end on a tiny model: the second generated token (decided by a draft-verify cycle) has the
+    full model's marginal distribution, computed exactly from the model, under temperature and top-k."""
+    bm = make_bm()
+    ids, sampling = [40, 41, 42, 43], Sampling(temperature=1.3, top_k=4)
+    with torch.no_grad():
+        p1 = probabilities(bm.model(torch.tensor([ids])).logits[0, -1], sampling)
+        exact = torch.zeros_like(p1)
+        for t1 in torch.nonzero(p1).flatten().tolist():
+            exact += p1[t1] * probabilities(bm.model(torch.tensor([ids + [t1]])).logits[0, -1], sampling)
+    counts = torch.zeros_like(exact)
+    trials = 3000
+    for seed in range(trials):
+        out = bm.generate(ids, mode="speculative", exit=4, draft_len=3, max_new_tokens=2, eos=False,
+                          temperature=1.3, top_k=4, seed=seed)
+        counts[out.token_ids[1]] += 1
+    stat, df = chi2(counts, exact)
+    assert stat < chi2_critical(df), (stat, df)
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    bm = make_bm()
+    a = bm.generate([3, 4, 5], mode="speculative", exit=3, temperature=0.9, top_p=0.9, seed=7,
+                    max_new_tokens=12, eos=False)
+    b = bm.generate([3, 4, 5], mode="speculative", exit=3, temperature=0.9, top_p=0.9, seed=7,
+                    max_new_tokens=12, eos=False)
+    assert a.token_ids == b.token_ids
