@@ -15,6 +15,279 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Self-speculative decoding with Balcony exits: train, generate, bench, export.")
 
 
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt (a user message: the chat template is applied unless --raw)."),
+    mode: str | None = typer.Option(None, "--mode", help="full | early-exit | speculative "
+                                    "(default: the measured default recorded with the exits)."),
+    exit_layer: int | None = typer.Option(None, "--exit", help="Exit layer to draft with (or to stop at in early-exit)."),
+    draft_len: str | None = typer.Option(None, "--draft-len", help="Draft tokens per cycle, or 'auto' "
+                                         "(stop drafting when the draft is unsure)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy; > 0 samples (exactly the full model's "
+                                      "distribution in speculative mode)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0: all)."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed for sampling."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    model: str | None = typer.Option(None, "--model", help="Base model: hub id, local directory or tiny-random "
+                                     "(default: the embedded SmolLM2-135M-Instruct)."),
+    exits_path: str | None = typer.Option(None, "--exits-path", help="Exits checkpoint directory "
+                                          "(default: the exits shipped for the default model)."),
+    raw: bool = typer.Option(False, "--raw", help="Do not apply the chat template."),
+    show_drafts: bool = typer.Option(False, "--show-drafts", help="Colour accepted drafts green and show "
+                                     "rejected drafts struck through in red."),
+    compare: bool = typer.Option(False, "--compare", help="Also run full mode on the prompt: report the speedup "
+                                 "and whether the outputs are identical."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document (text, token ids, stats)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+) -> None:
+    """Generate text with the full model, an exit's sub-model, or speculatively (exact full-model output).
+
+    Text streams to stdout; acceptance rate, tokens per cycle and tokens/s go to stderr.
+
+    Examples:
+
+        balspec generate "What is the capital of France?"
+
+        balspec generate "Write a haiku about rain." --mode speculative --exit 12 --draft-len 4 --show-drafts
+
+        balspec generate "Tell me a story." --temperature 0.8 --top-p 0.95 --seed 0 --json
+
+        balspec generate "Summarise: ..." --mode early-exit --exit 16 --compare
+    """
+    import json
+
+    from balspec import stream
+    from balspec.generate import load
+
+    bm = load(model=model, exits=exits_path, dtype=dtype, device=device)
+    kwargs = dict(mode=mode, exit=exit_layer, draft_len=draft_len, max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=not raw, stop=stop)
+    streamer = None if as_json or stop else stream.TokenStreamer(bm.tokenizer, show_drafts)
+    out = bm.generate(prompt, on_cycle=streamer, **kwargs)
+    if streamer is not None:
+        streamer.finish()
+    baseline = bm.generate(prompt, **{**kwargs, "mode": "full"}) if compare else None
+    if as_json:
+        doc = out.to_dict()
+        if baseline is not None:
+            doc["baseline"] = baseline.stats.to_dict()
+            doc["speedup"] = out.stats.tokens_per_second / baseline.stats.tokens_per_second
+            doc["identical_to_full"] = out.token_ids == baseline.token_ids
+        print(json.dumps(doc, allow_nan=False))
+        return
+    if streamer is None:
+        print(out.text)
+    stream.print_generation_stats(out.stats, baseline.stats if baseline else None,
+                                  None if baseline is None else out.token_ids == baseline.token_ids)
+
+
+@app.command()
+def export(
+    exit_layer: int = typer.Option(..., "--exit", help="The exit to export (one the checkpoint holds)."),
+    output: str = typer.Option(..., "--output", "-o", help="Directory to write: absent or empty, unless --force."),
+    model: str | None = typer.Option(None, "--model", help="Base model: hub id, local directory or tiny-random "
+                                     "(default: the embedded SmolLM2-135M-Instruct)."),
+    exits_path: str | None = typer.Option(None, "--exits-path", help="Exits checkpoint directory "
+                                          "(default: the exits shipped for --model)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --output that holds an earlier export."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weights dtype of the export: float32, bfloat16 or float16."),
+) -> None:
+    """Export the sub-model of one exit as a standard Hugging Face checkpoint.
+
+    The sub-model (embedding, trunk layers 1..E, the balcony layer, its norm as the final norm, the shared
+    head) is written with the tokenizer, chat template and generation config. Plain transformers loads it,
+    so it serves as a draft model (vLLM, SGLang, llama.cpp, transformers assisted generation) or on its
+    own as a fixed-budget model. Prints the output directory.
+
+    Examples:
+
+        balspec export --exit 8 --output smollm2-exit8
+
+        balspec export --exit 12 --exits-path runs/exits --output draft12 --dtype bfloat16 --force
+    """
+    from balspec.exits import load_exits, read_meta
+    from balspec.export import check_output, export_submodel
+    from balspec.info import resolve_exits_path
+    from balspec.models import load_model, parse_dtype
+
+    path = resolve_exits_path(exits_path, model)
+    meta = read_meta(path)  # the cheap checks first: loading the model can take a while
+    if exit_layer not in meta["exits"]:
+        have = ",".join(map(str, meta["exits"]))
+        raise BalspecError(f"--exit: {path} has no exit {exit_layer} (it has {have})")
+    check_output(output, force)
+    parse_dtype(dtype)
+    hf_model, tokenizer = load_model(model, dtype)
+    exits, _ = load_exits(hf_model, path)
+    print(export_submodel(hf_model, tokenizer, exits, exit_layer, output, force))
+
+
+@app.command()
+def info(
+    exits_path: str | None = typer.Option(None, "--exits-path", help="Exits checkpoint directory "
+                                          "(default: the exits shipped for --model)."),
+    model: str | None = typer.Option(None, "--model", help="Base model to check the checkpoint against "
+                                     "(loads it); without it nothing is checked and no model is loaded."),
+    as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON document instead of a table."),
+) -> None:
+    """Show what an exits checkpoint holds.
+
+    The base model it was trained on and its fingerprints, the exits, parameters per exit, norm and layer
+    init, dtype, checksum and the training summary: a table, or one JSON document with --json.
+
+    Examples:
+
+        balspec info
+
+        balspec info --exits-path runs/exits --json
+
+        balspec info --exits-path runs/exits --model default
+    """
+    import json
+
+    from rich.console import Console
+
+    from balspec.info import describe_checkpoint, render_table, resolve_exits_path
+    from balspec.models import load_model
+
+    path = resolve_exits_path(exits_path, model)
+    hf_model = load_model(model)[0] if model is not None else None
+    description = describe_checkpoint(path, hf_model)
+    if as_json:
+        print(json.dumps(description, indent=2, default=str, allow_nan=False))
+    else:
+        Console().print(render_table(description))
+
+
+@app.command()
+def bench(
+    exits: str | None = typer.Option(None, "--exits", help="Exit layers to measure, e.g. 8,12,16 "
+                                     "(default: every exit in the checkpoint)."),
+    model: str | None = typer.Option(None, "--model", help="Base model: hub id, local directory or tiny-random "
+                                     "(default: the embedded SmolLM2-135M-Instruct)."),
+    exits_path: str | None = typer.Option(None, "--exits-path", help="Exits checkpoint directory "
+                                          "(default: the exits shipped for --model)."),
+    draft_len: str = typer.Option("4", "--draft-len", help="Draft length(s) in speculative mode: 4 or 2,4,6,auto."),
+    prompts: str | None = typer.Option(None, "--prompts", help="Prompt file: Spec-Bench jsonl, jsonl with "
+                                       "\"prompt\" (and \"category\"), or one prompt per line "
+                                       "(default: the built-in set)."),
+    num_prompts: int | None = typer.Option(None, "--num-prompts",
+                                           help="Use at most this many prompts, spread over categories."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Tokens to generate per prompt."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy: every output must equal the baseline's."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs of the first prompt per setting."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed; prompt i uses seed + i."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Decode exactly --max-new-tokens per prompt."),
+    peers: str = typer.Option("", "--peers",
+                              help="Also time transformers' generate(): hf,hf-early-exit,prompt-lookup."),
+    as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON document instead of tables."),
+    output: str | None = typer.Option(None, "--output", help="Also write the JSON document to this file."),
+    plot: str | None = typer.Option(None, "--plot", help="Write a PNG of speedup and tau per exit (needs matplotlib)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+) -> None:
+    """Measure acceptance, tokens per cycle (tau) and wall-clock speedup per exit and draft length.
+
+    The same prompts run in full mode (the baseline), in speculative mode for every exit and draft length,
+    in early-exit mode per exit and, with --peers, through transformers' own generate(). Greedy speculative
+    outputs must equal the baseline's token for token: the mismatch column counts prompts where they do not.
+    Beside each measured speedup stand the pass costs, the cost-model bound and the engine's efficiency.
+
+    Examples:
+
+        balspec bench --exits 8,12,16 --num-prompts 12
+
+        balspec bench --draft-len 2,4,6,auto --prompts spec_bench_questions.jsonl --json --output bench.json
+
+        balspec bench --exits 12 --peers hf,hf-early-exit,prompt-lookup --plot bench.png
+    """
+    import shlex
+
+    from balspec import bench as bench_lib
+    from balspec import report
+    from balspec.exits import parse_exits, read_meta
+    from balspec.generate import load
+    from balspec.info import resolve_exits_path
+    from balspec.models import parse_dtype
+    from balspec.prompts import load_prompts
+
+    # the cheap checks first: loading the model and measuring can take minutes
+    path = resolve_exits_path(exits_path, model)
+    available = read_meta(path)["exits"]
+    chosen = parse_exits(exits) if exits else list(available)
+    bench_lib.check_exits(chosen, available)
+    draft_lens = bench_lib.parse_draft_lens(draft_len)
+    peer_names = bench_lib.parse_peers(peers)
+    parse_dtype(dtype)
+    if plot:
+        report.require_matplotlib()
+    prompt_set = load_prompts(prompts, num_prompts)
+    bm = load(model=model, exits=path, dtype=dtype, device=device)
+    opts = bench_lib.BenchOptions(exits=chosen, draft_lens=draft_lens, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, warmup=warmup, seed=seed, peers=peer_names,
+                                  eos=not ignore_eos)
+    bench_lib.check_options(bm, opts)
+    with report.progress_bar() as on_step:
+        result = bench_lib.run_bench(bm, prompt_set, opts, command=shlex.join(["balspec", *sys.argv[1:]]),
+                                     exits_checkpoint=str(path), on_step=on_step)
+    if output:
+        report.write_json(result, output)
+    if plot:
+        report.plot(result, plot)
+    if as_json:
+        print(report.to_json(result))
+    else:
+        report.print_tables(result)
+
+@app.command()
+def train(
+    recipe: str | None = typer.Option(None, "--recipe", help="YAML recipe (see recipes/); --set and flags override it."),
+    model: str | None = typer.Option(None, "--model", help="Base model: hub id, local directory, default or "
+                                     "tiny-random (model.name)."),
+    exits: str | None = typer.Option(None, "--exits", help="Exit layers, e.g. 8,12,16 (exits.layers)."),
+    data: str | None = typer.Option(None, "--data", help="Training text: a .txt/.jsonl/.parquet file, directory, "
+                                    "glob or hub dataset name (data.train)."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Optimizer steps (train.max_steps)."),
+    output: str | None = typer.Option(None, "--output", "-o", help="Run directory (train.output)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
+    overrides: list[str] = typer.Option([], "--set", help="Set any config key, e.g. --set optim.lr=3e-4 "
+                                        "(repeatable; see the recipes for the keys)."),
+) -> None:
+    """Train balcony exits by self-distillation to the frozen full model.
+
+    Only the balconies train (AdamW, cosine schedule); the loss is
+    KL(full || exit) at every position, summed over exits. Runs in one
+    process by default, and under `accelerate launch` with DDP, FSDP or
+    DeepSpeed from your accelerate config. Progress goes to stderr, metrics
+    to OUTPUT/metrics.jsonl, resumable checkpoints to OUTPUT/checkpoints/,
+    the final exits to OUTPUT (use them with --exits-path OUTPUT).
+    Prints the output directory.
+
+    Examples:
+
+        balspec train --recipe recipes/tiny.yaml --output runs/tiny
+
+        balspec train --recipe recipes/smollm2-135m.yaml --max-steps 200 --set optim.lr=3e-4
+
+        balspec train --model default --exits 8,12,16 --data notes.txt --output runs/notes
+
+        balspec train --output runs/tiny --resume
+
+        accelerate launch -m balspec.cli train --recipe recipes/llama3-8b.yaml
+    """
+    from balspec.exits import parse_exits
+    from balspec.train import configure
+    from balspec.train import train as run_training
+
+    flags = {"model.name": model, "exits.layers": parse_exits(exits) if exits is not None else None,
+             "data.train": data, "train.max_steps": max_steps, "train.output": output}
+    config, checkpoint = configure(recipe, overrides, flags, resume)
+    print(run_training(config, checkpoint))
+
+
 def main() -> None:
     try:
         app()

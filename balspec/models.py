@@ -92,6 +92,9 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = "float32", de
     """Load a frozen causal LM and its tokenizer. Returns (model, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # balspec reports its own progress; loading is quick
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     path = resolve_model(name)
     try:

@@ -1,0 +1,115 @@
+"""What an exits checkpoint holds: base model, fingerprints, exits, parameters, training summary.
+
+Read from `balspec.json` and the safetensors header only, so describing a checkpoint loads no weights;
+checking it against a base model (optional) loads that model.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from balspec.errors import BalspecError
+from balspec.exits import WEIGHTS_FILE, _sha256, check_base, read_meta
+
+
+def resolve_exits_path(exits_path: str | Path | None, model_name: str | None) -> Path:
+    """--exits-path, or the exits shipped for --model when it is omitted."""
+    if exits_path is not None:
+        return Path(exits_path)
+    from balspec.generate import default_exits_path
+
+    path = default_exits_path(model_name)
+    if path is None:
+        raise BalspecError(f"--exits-path: balspec ships no exits for {model_name or 'the default model'}; "
+                           "pass the directory `balspec train` wrote")
+    return path
+
+
+def describe_checkpoint(path: str | Path, model=None) -> dict:
+    """A JSON-ready description of the exits checkpoint at `path`. With `model`, also check that the
+    checkpoint was trained on it (a BalspecError if not)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta = read_meta(path)
+    if model is not None:
+        check_base(meta, model, str(path))
+    weights = path / WEIGHTS_FILE
+    per_exit: dict[str, int] = {}
+    try:
+        with safe_open(weights, "pt") as f:  # the header only: shapes, no tensor data
+            for key in f.keys():  # "balconies.<exit>.layers.0.mlp.up_proj.weight"
+                exit_layer = key.split(".")[1]
+                per_exit[exit_layer] = per_exit.get(exit_layer, 0) + math.prod(f.get_slice(key).get_shape())
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise BalspecError(f"{weights} is corrupt: {e}") from None
+    return {"path": str(path),
+            "format_version": meta["format_version"],
+            "balspec_version": meta.get("balspec_version"),
+            "base_model": meta["base_model"],
+            "base_model_check": None if model is None else "matches",
+            "exits": meta["exits"],
+            "balcony_layers": meta.get("balcony_layers", 1),
+            "norm_init": meta.get("norm_init"),
+            "layer_init": meta.get("layer_init"),
+            "dtype": meta.get("dtype"),
+            "parameters_per_exit": {str(e): per_exit.get(str(e), 0) for e in meta["exits"]},
+            "parameters_total": sum(per_exit.values()),
+            "size_bytes": weights.stat().st_size,
+            "checksum_ok": _sha256(weights) == meta.get("weights_sha256"),
+            "training": _finite(meta.get("training") or {})}
+
+
+def render_table(info: dict):
+    """The description as a two-column rich table; nested training fields flattened as a.b.c."""
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    base = info["base_model"]
+    table = Table(title=f"exits checkpoint {escape(info['path'])}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [("base model", f"{base.get('name')} ({base.get('num_layers')} layers"
+                           + (f", revision {base['revision']})" if base.get("revision") else ")")),
+            ("config fingerprint", base.get("config_fingerprint")),
+            ("weights fingerprint", base.get("weights_fingerprint")),
+            ("base check", info["base_model_check"] or "not checked (pass --model to check)"),
+            ("exits", ", ".join(map(str, info["exits"]))),
+            ("balcony layers", info["balcony_layers"]),
+            ("norm init", info["norm_init"]),
+            ("layer init", info["layer_init"]),
+            ("dtype", info["dtype"]),
+            *[(f"parameters, exit {e}", f"{n:,}") for e, n in info["parameters_per_exit"].items()],
+            ("parameters, total", f"{info['parameters_total']:,}"),
+            ("size", f"{info['size_bytes'] / 2**20:.1f} MiB"),
+            ("checksum", "ok" if info["checksum_ok"] else "MISMATCH: the weights file is damaged"),
+            ("balspec version", info["balspec_version"])]
+    rows += [(f"training.{k}", v) for k, v in _flatten(info["training"])] or [("training", "no summary recorded")]
+    for name, value in rows:
+        text = str(value)
+        # Text, not markup: a value such as "[cosine]" must print as it is
+        table.add_row(name, Text(text if len(text) <= 100 else text[:97] + "..."))  # a loss curve, say
+    return table
+
+
+def _finite(x):
+    """NaN and infinity (a diverged loss, say) are not JSON: they become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _flatten(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out

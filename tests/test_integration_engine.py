@@ -1,0 +1,44 @@
+"""The engine on the real default model (SmolLM2-135M-Instruct, 30 layers, fp32, CPU)."""
+
+import pytest
+
+from balspec.exits import attach_exits
+from balspec.generate import BalconyModel, default_exits_path, load
+from balspec.models import DEFAULT_MODEL, load_model
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["What is the capital of France?", "Write a limerick about a cat who learns to code."]
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    model, tokenizer = load_model()
+    exits = attach_exits(model, [8, 24]).requires_grad_(False).eval()
+    return BalconyModel(model, tokenizer, exits)
+
+
+def test_default_model_answers_sanely(untrained):
+    out = untrained.generate(PROMPTS[0], mode="full", max_new_tokens=12)
+    assert "Paris" in out.text
+
+
+@pytest.mark.parametrize("exit_layer, draft_len", [(8, 3), (24, "auto")])
+def test_speculative_equals_full_on_default_model(untrained, exit_layer, draft_len):
+    for prompt in PROMPTS:
+        full = untrained.generate(prompt, mode="full", max_new_tokens=24, eos=False)
+        spec = untrained.generate(prompt, mode="speculative", exit=exit_layer, draft_len=draft_len,
+                                  max_new_tokens=24, eos=False)
+        assert spec.token_ids == full.token_ids
+
+
+@pytest.mark.skipif(default_exits_path(DEFAULT_MODEL) is None, reason="no exits shipped yet")
+def test_shipped_exits_load_and_are_exact():
+    bm = load()
+    assert bm.meta["base_model"]["name"] == DEFAULT_MODEL
+    assert set(bm.exits) >= {8, 12, 16}
+    for prompt in PROMPTS:
+        full = bm.generate(prompt, mode="full", max_new_tokens=32)
+        spec = bm.generate(prompt, mode="speculative", max_new_tokens=32)
+        assert spec.token_ids == full.token_ids
+        assert spec.stats.acceptance_rate is not None and spec.stats.acceptance_rate > 0
