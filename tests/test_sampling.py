@@ -71,22 +71,31 @@ def test_rejection_sampling_preserves_target_distribution():
 
 
 def test_speculative_sampling_matches_full_model_distribution():
-    """End to end on a tiny model: the second generated token (decided by a draft-verify cycle) has the
-    full model's marginal distribution, computed exactly from the model, under temperature and top-k."""
+    """End to end on a tiny model under temperature and top-k: the first two tokens that draft-verify
+    cycles emit after the pending token follow the full model's joint distribution, computed exactly."""
     bm = make_bm()
-    ids, sampling = [40, 41, 42, 43], Sampling(temperature=1.3, top_k=4)
+    engine, e, k = bm.engine, 4, 3
+    ids, pending, sampling = [40, 41, 42, 43], 44, Sampling(temperature=1.3, top_k=3)
     with torch.no_grad():
-        p1 = probabilities(bm.model(torch.tensor([ids])).logits[0, -1], sampling)
-        exact = torch.zeros_like(p1)
-        for t1 in torch.nonzero(p1).flatten().tolist():
-            exact += p1[t1] * probabilities(bm.model(torch.tensor([ids + [t1]])).logits[0, -1], sampling)
+        context = ids + [pending]
+        p1 = probabilities(bm.model(torch.tensor([context])).logits[0, -1], sampling)
+        exact = torch.zeros(p1.shape[0], p1.shape[0])
+        for a in torch.nonzero(p1).flatten().tolist():
+            exact[a] = p1[a] * probabilities(bm.model(torch.tensor([context + [a]])).logits[0, -1], sampling)
+    gen = torch.Generator().manual_seed(0)
     counts = torch.zeros_like(exact)
-    trials = 3000
-    for seed in range(trials):
-        out = bm.generate(ids, mode="speculative", exit=4, draft_len=3, max_new_tokens=2, eos=False,
-                          temperature=1.3, top_k=4, seed=seed)
-        counts[out.token_ids[1]] += 1
-    stat, df = chi2(counts, exact)
+    start = len(ids)
+    engine.reset(32)
+    with torch.inference_mode():
+        engine.prefill(torch.tensor([ids]), "speculative", e)
+        everything = range(len(engine.cache.lengths))
+        for _ in range(3000):
+            emitted = engine.cycle(torch.tensor([[pending]]), start, e, k, sampling, gen).tokens
+            if len(emitted) == 1:  # rejected at once: one more cycle from the emitted token
+                emitted += engine.cycle(torch.tensor([emitted]), start + 1, e, k, sampling, gen).tokens
+            counts[emitted[0], emitted[1]] += 1
+            engine.cache.rollback(everything, start)
+    stat, df = chi2(counts.flatten(), exact.flatten())
     assert stat < chi2_critical(df), (stat, df)
 
 
