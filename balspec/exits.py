@@ -189,8 +189,11 @@ def base_model_info(model: nn.Module) -> dict:
 
 
 def save_exits(exits: Exits, model: nn.Module, path: str | Path, dtype: torch.dtype | None = None,
-               training: dict | None = None) -> Path:
-    """Write `exits.safetensors` and `balspec.json` atomically (temp file + rename, JSON last)."""
+               training: dict | None = None, defaults: dict | None = None) -> Path:
+    """Write `exits.safetensors` and `balspec.json` atomically (temp file + rename, JSON last).
+
+    `defaults` records the generation settings chosen by measurement (mode, exit, draft_len).
+    """
     from safetensors.torch import save_file
 
     from balspec import __version__
@@ -205,6 +208,8 @@ def save_exits(exits: Exits, model: nn.Module, path: str | Path, dtype: torch.dt
             "layer_init": exits.layer_init, "balcony_layers": exits.balcony_layers,
             "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
             "weights_sha256": _sha256(weights_tmp), "training": training or {}}
+    if defaults:
+        meta["defaults"] = defaults
     os.replace(weights_tmp, path / WEIGHTS_FILE)
     _write_json_atomic(path / META_FILE, meta)
     return path

@@ -1,0 +1,342 @@
+"""The benchmark: the same prompts decoded in `full` mode (the baseline), in `speculative` mode for every
+exit and draft length, in `early-exit` mode per exit, and by peer methods from transformers.
+
+Every prompt is decoded under every setting before the next prompt starts, so the runs that a speedup
+compares are close in time: on a shared machine, load drifts over minutes and would otherwise bias
+whichever setting ran last. Wall time is taken the same way for the engine and the peers: device
+synchronised, around the whole call (prefill included), prompt already tokenised.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from balspec.errors import BalspecError
+from balspec.exits import validate_exits
+from balspec.prompts import Prompt, PromptSet
+from balspec.speculative import _sync, pass_costs
+
+PEERS = ("hf", "hf-early-exit", "prompt-lookup")
+PEER_DRAFT_LEN = 4  # drafts per cycle for the peers when --draft-len gives no fixed number
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    exits: list[int]
+    draft_lens: list[int | str]  # whole numbers >= 1 or "auto"
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    warmup: int = 1  # untimed runs of the first prompt per setting (kernel choice, allocator, caches)
+    seed: int = 0
+    peers: list[str] = field(default_factory=list)
+    eos: bool = True  # False decodes exactly max_new_tokens per prompt
+    cost_repeats: int = 10
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way of decoding the prompts."""
+
+    mode: str  # "full", "speculative", "early-exit" or "peer"
+    name: str
+    exit: int | None = None
+    draft_len: int | str | None = None
+
+
+@dataclass
+class Run:
+    """One prompt decoded under one setting."""
+
+    prompt: Prompt
+    token_ids: list[int]
+    seconds: float
+    drafted: int = 0
+    accepted: int = 0
+    accepted_lengths: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    """Runs of one setting aggregated: totals over prompts, never a mean of per-prompt ratios."""
+
+    prompts: int
+    new_tokens: int
+    seconds: float
+    tokens_per_second: float
+    speedup: float | None = None  # over the baseline on the same prompts
+    acceptance_rate: float | None = None
+    mean_accepted_length: float | None = None  # tau: tokens per cycle, bonus included
+    accepted_hist: list[int] | None = None  # [n] = cycles that accepted n drafts
+    greedy_mismatches: int | None = None  # prompts whose greedy tokens differ from the baseline's
+
+
+@dataclass
+class CostModel:
+    """DESIGN.md 3: T = k * c_draft + c_verify(k + 1); bound = tau * c_full / T."""
+
+    draft_len: float  # mean drafts per cycle (equals k unless k is "auto" or cut by the budget)
+    full_step_s: float
+    draft_step_s: float
+    verify_s: float
+    cycle_s: float
+    bound: float
+    efficiency: float  # measured speedup / bound
+
+
+@dataclass
+class Result:
+    setting: Setting
+    summary: Summary
+    per_category: dict[str, Summary]
+    cost_model: CostModel | None = None
+
+
+@dataclass
+class BenchReport:
+    meta: dict
+    baseline: Result
+    results: list[Result]
+
+
+def parse_draft_lens(text: str) -> list[int | str]:
+    """`4` or `2,4,6,auto` -> [2, 4, 6, "auto"]."""
+    out: list[int | str] = []
+    for item in (x.strip() for x in str(text).split(",")):
+        if item == "auto":
+            out.append(item)
+            continue
+        try:
+            k = int(item)
+        except ValueError:
+            raise BalspecError(f"--draft-len: expected whole numbers >= 1 or 'auto' like 2,4,auto, "
+                               f"got {text!r}") from None
+        if k < 1:
+            raise BalspecError(f"--draft-len: draft lengths must be >= 1, got {k}")
+        out.append(k)
+    if len(set(out)) != len(out):
+        raise BalspecError(f"--draft-len: duplicated value in {text!r}")
+    return out
+
+
+def parse_peers(text: str | None) -> list[str]:
+    peers = [p.strip() for p in (text or "").split(",") if p.strip()]
+    bad = [p for p in peers if p not in PEERS]
+    if bad:
+        raise BalspecError(f"--peers: unknown peer {bad[0]!r}; choose from {', '.join(PEERS)}")
+    return list(dict.fromkeys(peers))
+
+
+def check_exits(exits: list[int], available: list[int]) -> None:
+    missing = [e for e in exits if e not in available]
+    if missing:
+        raise BalspecError(f"--exits: {','.join(map(str, missing))} not in the exits checkpoint "
+                           f"(it has {','.join(map(str, available))})")
+
+
+def check_options(bm, opts: BenchOptions) -> None:
+    """Refuse what the loaded model and checkpoint cannot run, before any timing starts."""
+    if not bm.exits:
+        raise BalspecError("bench needs exits: pass --exits-path (train them with `balspec train`)")
+    validate_exits(list(opts.exits), bm.engine.num_layers)
+    check_exits(opts.exits, bm.exits)
+    if opts.max_new_tokens < 1:
+        raise BalspecError(f"--max-new-tokens must be at least 1, got {opts.max_new_tokens}")
+    if opts.temperature < 0:
+        raise BalspecError(f"--temperature must be >= 0, got {opts.temperature}")
+    if opts.warmup < 0:
+        raise BalspecError(f"--warmup must be >= 0, got {opts.warmup}")
+
+
+def settings(opts: BenchOptions) -> list[Setting]:
+    """Baseline first, then speculative per exit and draft length, early-exit per exit, peers."""
+    out = [Setting("full", "full")]
+    out += [Setting("speculative", "speculative", e, k) for e in opts.exits for k in opts.draft_lens]
+    out += [Setting("early-exit", "early-exit", e) for e in opts.exits]
+    k = peer_draft_len(opts)
+    for peer in opts.peers:
+        if peer == "hf":
+            out.append(Setting("peer", peer))
+        elif peer == "hf-early-exit":
+            out += [Setting("peer", peer, e, k) for e in opts.exits]
+        else:
+            out.append(Setting("peer", peer, None, k))
+    return out
+
+
+def peer_draft_len(opts: BenchOptions) -> int:
+    fixed = [k for k in opts.draft_lens if k != "auto"]
+    return fixed[0] if fixed else PEER_DRAFT_LEN
+
+
+def run_bench(bm, prompt_set: PromptSet, opts: BenchOptions, command: str = "", exits_checkpoint: str | None = None,
+              on_step: Callable[[int, int, str], None] | None = None) -> BenchReport:
+    """Decode every prompt under every setting; on_step(done, total, label) reports progress."""
+    check_options(bm, opts)
+    plan = settings(opts)
+    ids = [bm.encode(p.text) for p in prompt_set.prompts]
+    total = len(plan) * (opts.warmup + len(ids)) + sum(s.mode == "speculative" for s in plan)
+    done = 0
+
+    def tick(label: str) -> None:
+        nonlocal done
+        done += 1
+        if on_step:
+            on_step(done, total, label)
+
+    for setting in plan:
+        for _ in range(opts.warmup):
+            decode(bm, setting, ids[0], prompt_set.prompts[0], opts, opts.seed)
+            tick(f"warm-up {label(setting)}")
+    runs: dict[Setting, list[Run]] = {s: [] for s in plan}
+    for i, (prompt, prompt_ids) in enumerate(zip(prompt_set.prompts, ids)):
+        for setting in plan:
+            runs[setting].append(decode(bm, setting, prompt_ids, prompt, opts, opts.seed + i))
+            tick(f"prompt {i + 1}/{len(ids)} {label(setting)}")
+    baseline_runs = runs[plan[0]]
+    greedy = opts.temperature == 0
+    baseline = Result(plan[0], summarize(baseline_runs), categorize(baseline_runs, None, False))
+    results = []
+    for setting in plan[1:]:
+        compare = greedy and setting.mode != "early-exit"  # early exit is another model: it may differ
+        result = Result(setting, summarize(runs[setting], baseline_runs, compare),
+                        categorize(runs[setting], baseline_runs, compare))
+        if setting.mode == "speculative":
+            result.cost_model = model_costs(bm, ids[0], setting, result.summary, runs[setting], opts)
+            tick(f"pass costs {label(setting)}")
+        results.append(result)
+    return BenchReport(describe(bm, prompt_set, opts, command, exits_checkpoint), baseline, results)
+
+
+def label(setting: Setting) -> str:
+    parts = [setting.name]
+    if setting.exit is not None:
+        parts.append(f"e{setting.exit}")
+    if setting.draft_len is not None:
+        parts.append(f"k{setting.draft_len}")
+    return " ".join(parts)
+
+
+def decode(bm, setting: Setting, prompt_ids: list[int], prompt: Prompt, opts: BenchOptions, seed: int) -> Run:
+    if setting.mode == "peer":
+        return decode_peer(bm, setting, prompt_ids, prompt, opts, seed)
+    _sync(bm.device)
+    t0 = time.perf_counter()
+    out = bm.generate(prompt_ids, mode=setting.mode, exit=setting.exit, draft_len=setting.draft_len,
+                      max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=seed, eos=opts.eos)
+    _sync(bm.device)
+    seconds = time.perf_counter() - t0
+    s = out.stats
+    return Run(prompt, list(out.token_ids), seconds, s.drafted, s.accepted, list(s.accepted_lengths))
+
+
+def decode_peer(bm, setting: Setting, prompt_ids: list[int], prompt: Prompt, opts: BenchOptions,
+                seed: int) -> Run:
+    """transformers' own `generate()`: plain, LayerSkip-style early-exit drafting, or prompt lookup."""
+    from transformers.utils import logging as hf_logging
+
+    config = copy.deepcopy(bm.model.generation_config)
+    # an empty EOS list, not None: None falls back to the model's own generation config
+    config.update(max_new_tokens=opts.max_new_tokens, min_new_tokens=None, do_sample=opts.temperature > 0,
+                  eos_token_id=sorted(bm.eos_ids) if opts.eos else [])
+    if opts.temperature > 0:
+        config.update(temperature=opts.temperature, top_k=0, top_p=1.0)
+    if config.pad_token_id is None:
+        config.pad_token_id = bm.tokenizer.pad_token_id if bm.tokenizer.pad_token_id is not None else 0
+    if setting.name == "hf-early-exit":
+        # a fixed k and no confidence cut-off, so it drafts like balspec's speculative mode
+        config.update(assistant_early_exit=setting.exit, num_assistant_tokens=setting.draft_len,
+                      num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+    elif setting.name == "prompt-lookup":
+        config.update(prompt_lookup_num_tokens=setting.draft_len)
+    inputs = torch.tensor([prompt_ids], device=bm.device)  # [1, P]
+    torch.manual_seed(seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # assisted decoding warns about its own internal arguments
+    try:
+        _sync(bm.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = bm.model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config)
+        _sync(bm.device)
+        seconds = time.perf_counter() - t0
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return Run(prompt, out[0, len(prompt_ids):].tolist(), seconds)
+
+
+def summarize(runs: list[Run], baseline: list[Run] | None = None, compare: bool = False) -> Summary:
+    tokens = sum(len(r.token_ids) for r in runs)
+    seconds = sum(r.seconds for r in runs)
+    tps = tokens / seconds if seconds > 0 else 0.0
+    summary = Summary(len(runs), tokens, seconds, tps)
+    if baseline is not None:
+        base_tokens, base_seconds = sum(len(r.token_ids) for r in baseline), sum(r.seconds for r in baseline)
+        summary.speedup = tps / (base_tokens / base_seconds) if base_tokens and base_seconds > 0 else None
+        if compare:
+            summary.greedy_mismatches = sum(r.token_ids != b.token_ids for r, b in zip(runs, baseline))
+    lengths = [n for r in runs for n in r.accepted_lengths]
+    if lengths:
+        drafted = sum(r.drafted for r in runs)
+        summary.acceptance_rate = sum(r.accepted for r in runs) / drafted if drafted else None
+        summary.mean_accepted_length = (sum(lengths) + len(lengths)) / len(lengths)
+        counts = Counter(lengths)
+        summary.accepted_hist = [counts[n] for n in range(max(lengths) + 1)]
+    return summary
+
+
+def categorize(runs: list[Run], baseline: list[Run] | None, compare: bool) -> dict[str, Summary]:
+    """Per-category summaries; each compares with the baseline's runs of the same prompts."""
+    categories = list(dict.fromkeys(r.prompt.category for r in runs))
+    out = {}
+    for c in categories:
+        pick = [i for i, r in enumerate(runs) if r.prompt.category == c]
+        base = [baseline[i] for i in pick] if baseline is not None else None
+        out[c] = summarize([runs[i] for i in pick], base, compare)
+    return out
+
+
+def model_costs(bm, prompt_ids: list[int], setting: Setting, summary: Summary, runs: list[Run],
+                opts: BenchOptions) -> CostModel | None:
+    """Pass costs measured on the first prompt, turned into the speedup bound the engine should reach."""
+    cycles = sum(len(r.accepted_lengths) for r in runs)
+    if not cycles or summary.mean_accepted_length is None:
+        return None
+    k_mean = sum(r.drafted for r in runs) / cycles
+    k = max(1, round(k_mean))
+    costs = pass_costs(bm, prompt_ids, setting.exit, k, repeats=opts.cost_repeats)
+    cycle_s = k_mean * costs["draft_step_s"] + costs["verify_s"]
+    bound = summary.mean_accepted_length * costs["full_step_s"] / cycle_s
+    efficiency = summary.speedup / bound if summary.speedup is not None else math.nan
+    return CostModel(k_mean, costs["full_step_s"], costs["draft_step_s"], costs["verify_s"], cycle_s, bound,
+                     efficiency)
+
+
+def describe(bm, prompt_set: PromptSet, opts: BenchOptions, command: str, exits_checkpoint: str | None) -> dict:
+    import transformers
+
+    from balspec import __version__
+
+    return {"device": device_name(bm.device), "dtype": str(bm.engine.dtype).replace("torch.", ""),
+            "model": getattr(bm.model.config, "_name_or_path", "") or type(bm.model).__name__,
+            "exits_checkpoint": exits_checkpoint,
+            "versions": {"balspec": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+            "prompts": {"source": prompt_set.source, "count": len(prompt_set.prompts),
+                        "categories": prompt_set.categories},
+            "exits": opts.exits, "draft_lens": opts.draft_lens, "max_new_tokens": opts.max_new_tokens,
+            "temperature": opts.temperature, "seed": opts.seed, "warmup": opts.warmup, "eos": opts.eos,
+            "peer_draft_len": peer_draft_len(opts) if opts.peers else None, "command": command}
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"

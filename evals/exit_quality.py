@@ -1,0 +1,183 @@
+"""How close each exit's sub-model is to the full model on held-out text.
+
+Per exit: KL(p_full || q_exit) in nats per token, top-1 agreement with the full model (the greedy
+acceptance rate of a one-token draft) and perplexity on the text itself. Rows for the trained balcony
+(--exits-path or the shipped exits), the untrained balcony (attach_exits initialisation only) and a
+shared-head early exit (final norm + LM head on h_e, no balcony: LayerSkip-style exit on a model never
+trained for it), plus the full model. Prints a table; writes JSON (with device and command) to
+evals/results/.
+
+    python evals/exit_quality.py                                  # default model, shipped exits
+    python evals/exit_quality.py --model tiny-random --exits-path runs/tiny/exits --max-tokens 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from balspec.errors import BalspecError
+from balspec.exits import attach_exits, load_exits, model_parts, parse_exits
+from balspec.generate import default_exits_path
+from balspec.models import default_device, load_model
+
+DEFAULT_DATA = "data/corpus/heldout.jsonl"  # written by recipes/build_corpus.py
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+@dataclass
+class Quality:
+    name: str  # "full", "balcony", "balcony (untrained)", "shared head"
+    exit: int | None
+    kl: float  # mean KL(p_full || q) over positions, nats
+    top1_agreement: float
+    perplexity: float
+    tokens: int
+
+
+def heldout_blocks(source: str, tokenizer, seq_len: int, max_tokens: int) -> list[torch.Tensor]:
+    """Held-out text read and packed exactly as training reads it (balspec.data: chat records through the
+    chat template, EOS between documents), cut into blocks of seq_len tokens, up to max_tokens."""
+    from balspec.config import DataConfig
+    from balspec.data import pack, read_records
+
+    config = DataConfig(train=source, heldout=None, block_size=seq_len)
+    blocks = pack(*read_records(source, config, "--data"), tokenizer, config)
+    if len(blocks) == 0:
+        raise BalspecError(f"--data: {source} gives no block of --seq-len {seq_len} tokens; give more text "
+                           "or a smaller --seq-len")
+    count = min(len(blocks), max(1, max_tokens // seq_len))
+    return [torch.tensor([row]) for row in blocks.select(range(count))["input_ids"]]  # each [1, seq_len]
+
+
+Head = Callable[[torch.Tensor, tuple], torch.Tensor]  # (h_e [1, L, hidden], rope) -> logits [1, L, vocab]
+
+
+def heads_for(model, trained, untrained, exits: list[int]) -> list[tuple[str, int, Head]]:
+    parts = model_parts(model)
+    out = []
+    for e in exits:
+        if trained is not None:
+            out.append(("balcony", e, lambda h, rope, e=e: parts.head(trained[e](h, rope))))
+        out.append(("balcony (untrained)", e, lambda h, rope, e=e: parts.head(untrained[e](h, rope))))
+        out.append(("shared head", e, lambda h, rope: parts.head(parts.norm(h))))
+    return out
+
+
+@torch.inference_mode()
+def measure(model, seqs: list[torch.Tensor], heads: list[tuple[str, int, Head]]) -> list[Quality]:
+    """One full forward per sequence gives p and every h_e; each head then runs on its h_e only."""
+    parts = model_parts(model)
+    device = parts.head.weight.device
+    sums = {key: [0.0, 0.0, 0.0] for key in [("full", None)] + [(n, e) for n, e, _ in heads]}  # kl, top1, nll
+    tokens = 0
+    for ids in seqs:
+        ids = ids.to(device)
+        out = model(ids, output_hidden_states=True)
+        log_p = F.log_softmax(out.logits[0, :-1].float(), -1)  # [L - 1, vocab]
+        top_p = log_p.argmax(-1)
+        target = ids[0, 1:]
+        positions = torch.arange(ids.shape[1], device=device)[None]
+        rope = parts.rotary(out.hidden_states[0], positions)
+        tokens += len(target)
+        sums[("full", None)][2] += -log_p.gather(-1, target[:, None]).sum().item()
+        sums[("full", None)][1] += len(target)
+        for name, e, head in heads:
+            # hidden_states[e] is the residual stream after trunk layer e (hidden_states[0]: embeddings)
+            log_q = F.log_softmax(head(out.hidden_states[e], rope)[0, :-1].float(), -1)
+            acc = sums[(name, e)]
+            acc[0] += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
+            acc[1] += (log_q.argmax(-1) == top_p).sum().item()
+            acc[2] += -log_q.gather(-1, target[:, None]).sum().item()
+    return [Quality(name, e, kl / tokens, top1 / tokens, math.exp(nll / tokens), tokens)
+            for (name, e), (kl, top1, nll) in sums.items()]
+
+
+def print_table(rows: list[Quality], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("sub-model", "exit", "KL (nats)", "top-1 agree", "perplexity"):
+        table.add_column(col, justify="left" if col == "sub-model" else "right")
+    for r in sorted(rows, key=lambda r: (r.exit or 10**9, r.name)):
+        table.add_row(r.name, "" if r.exit is None else str(r.exit), f"{r.kl:.3f}", f"{r.top1_agreement:.1%}",
+                      f"{r.perplexity:.2f}")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--exits-path", default=None, help="trained exits (default: the shipped exits, if any)")
+    parser.add_argument("--exits", default=None, help="exits to evaluate (default: the checkpoint's), e.g. 8,12,16")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="held-out text: .jsonl/.json records "
+                        "({\"messages\": [...]} or {\"text\": ...}), .txt, .parquet, a directory or a glob")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens to score")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--output", default=None,
+                        help="JSON file (default: evals/results/exit_quality_<model>_<time>.json)")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = args.device or default_device()
+    model, tokenizer = load_model(args.model, args.dtype, device)
+    exits_path = args.exits_path or default_exits_path(args.model)
+    trained, meta = load_exits(model, exits_path) if exits_path else (None, {})
+    exits = parse_exits(args.exits) if args.exits else (trained.exits if trained is not None else None)
+    if not exits:
+        raise BalspecError("--exits: no exits checkpoint loaded; name the exits to evaluate, e.g. --exits 8,12,16")
+    for e in exits if trained is not None else []:
+        trained[e]  # a clear error for an exit the checkpoint lacks
+    untrained = attach_exits(model, exits, meta.get("norm_init", "final"), meta.get("layer_init", "last"))
+    untrained.requires_grad_(False).eval()
+    seqs = heldout_blocks(args.data, tokenizer, args.seq_len, args.max_tokens)
+    t0 = time.perf_counter()
+    rows = measure(model, seqs, heads_for(model, trained, untrained, exits))
+    import transformers
+
+    from balspec import __version__
+    from balspec.bench import device_name
+
+    name = model.config._name_or_path
+    doc = {"meta": {"device": device_name(device), "dtype": args.dtype, "model": name,
+                    "exits_checkpoint": str(exits_path) if exits_path else None,
+                    "norm_init": meta.get("norm_init"), "data": args.data, "tokens": rows[0].tokens,
+                    "seq_len": args.seq_len, "seconds": round(time.perf_counter() - t0, 1),
+                    "versions": {"balspec": __version__, "torch": torch.__version__,
+                                 "transformers": transformers.__version__},
+                    "command": shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])},
+           "rows": [asdict(r) for r in rows]}
+    print_table(rows, f"exit quality: {name}, {rows[0].tokens} held-out tokens of {args.data}")
+    output = Path(args.output) if args.output else \
+        RESULTS_DIR / f"exit_quality_{Path(name).name}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {output}", file=sys.stderr)
+    return doc
+
+
+def main(argv=None) -> None:
+    try:
+        run(parse_args(argv))
+    except BalspecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

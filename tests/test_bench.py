@@ -1,0 +1,214 @@
+"""The benchmark on tiny random models: its bookkeeping, its JSON document and its CLI errors."""
+
+import copy
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from balspec.bench import BenchOptions, parse_draft_lens, parse_peers, run_bench
+from balspec.errors import BalspecError
+from balspec.exits import attach_exits, save_exits
+from balspec.generate import BalconyModel
+from balspec.models import load_model
+from balspec.prompts import Prompt, PromptSet
+from balspec.report import plot, report_dict, require_matplotlib, to_json
+from balspec.tiny import tiny_model, tiny_tokenizer
+
+PROMPTS = PromptSet("test", [Prompt("1", "math", "What is 2 + 2?"), Prompt("2", "writing", "Write a haiku."),
+                             Prompt("3", "math", "Solve x + 1 = 3.")])
+RESULT_KEYS = {"mode", "name", "exit", "draft_len", "acceptance_rate", "mean_accepted_length", "accepted_hist",
+               "tokens_per_second", "speedup", "greedy_mismatches", "cost_model", "per_category"}
+
+
+@pytest.fixture(scope="module")
+def bm():
+    """Tiny Llama with an untied random head, so greedy text varies and untrained drafts are partly wrong.
+
+    Exit 5 of 6 drafts with a copy of layer 6 and the final norm: that sub-model IS the full model, so
+    its acceptance must be exactly 1. Exit 3 accepts little: rejections and rollbacks get exercised.
+    """
+    torch.manual_seed(0)
+    model = tiny_model()
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape) * 0.1, requires_grad=False)
+    exits = attach_exits(model, [3, 5]).requires_grad_(False).eval()
+    return BalconyModel(model, tiny_tokenizer(), exits)
+
+
+@pytest.fixture(scope="module")
+def report(bm):
+    opts = BenchOptions(exits=[3, 5], draft_lens=[2, "auto"], max_new_tokens=10, warmup=1, peers=["hf"],
+                        cost_repeats=2)
+    steps = []
+    out = run_bench(bm, PROMPTS, opts, command="test", on_step=lambda done, total, label: steps.append((done, total)))
+    assert steps[-1][0] == steps[-1][1]  # progress reaches its total
+    return out
+
+
+def test_speculative_is_exact_and_counts_add_up(report):
+    spec = [r for r in report.results if r.setting.mode == "speculative"]
+    assert {(r.setting.exit, r.setting.draft_len) for r in spec} == {(3, 2), (3, "auto"), (5, 2), (5, "auto")}
+    for r in spec:
+        s = r.summary
+        assert s.greedy_mismatches == 0
+        assert 0 <= s.acceptance_rate <= 1
+        assert s.new_tokens == report.baseline.summary.new_tokens
+        cycles = sum(s.accepted_hist)
+        # tau counts the bonus token: emitted tokens = accepted drafts + one per cycle (+ the prefill token)
+        accepted = sum(n * c for n, c in enumerate(s.accepted_hist))
+        assert s.mean_accepted_length == pytest.approx((accepted + cycles) / cycles)
+        assert s.speedup > 0 and r.cost_model.bound > 0 and r.cost_model.full_step_s > 0
+        assert set(r.per_category) == {"math", "writing"}
+        assert r.per_category["math"].prompts == 2
+    by_key = {(r.setting.exit, r.setting.draft_len): r.summary for r in spec}
+    assert by_key[5, 2].acceptance_rate == 1.0
+    assert by_key[3, 2].acceptance_rate < 1.0
+
+
+def test_early_exit_and_peers(report):
+    early = [r for r in report.results if r.setting.mode == "early-exit"]
+    assert [r.setting.exit for r in early] == [3, 5]
+    assert all(r.summary.greedy_mismatches is None and r.summary.acceptance_rate is None for r in early)
+    (hf,) = [r for r in report.results if r.setting.mode == "peer"]
+    assert hf.setting.name == "hf" and hf.summary.greedy_mismatches == 0 and hf.summary.tokens_per_second > 0
+
+
+def test_json_document_has_the_schema(report):
+    doc = json.loads(to_json(report))
+    assert {"device", "dtype", "model", "exits_checkpoint", "versions", "prompts", "max_new_tokens", "temperature",
+            "seed", "command"} <= set(doc["meta"])
+    assert set(doc["meta"]["versions"]) == {"balspec", "torch", "transformers"}
+    assert doc["meta"]["prompts"]["count"] == 3
+    assert doc["baseline"]["mode"] == "full" and doc["baseline"]["tokens_per_second"] > 0
+    assert len(doc["results"]) == 4 + 2 + 1
+    for r in doc["results"]:
+        assert RESULT_KEYS <= set(r)
+    spec = [r for r in doc["results"] if r["mode"] == "speculative"]
+    assert {"full_step_s", "draft_step_s", "verify_s", "bound", "efficiency"} <= set(spec[0]["cost_model"])
+
+
+def test_json_turns_nan_into_null(report):
+    report = copy.deepcopy(report)
+    report.results[0].summary.speedup = math.nan
+    assert json.loads(to_json(report))["results"][0]["speedup"] is None
+    assert report_dict(report)["results"][0]["speedup"] != report_dict(report)["results"][0]["speedup"]
+
+
+def test_sampling_runs_report_no_greedy_comparison(bm):
+    opts = BenchOptions(exits=[5], draft_lens=[2], max_new_tokens=6, temperature=0.8, warmup=0, peers=["hf"],
+                        cost_repeats=1)
+    out = run_bench(bm, PromptSet("test", PROMPTS.prompts[:2]), opts)
+    assert all(r.summary.greedy_mismatches is None for r in out.results)
+    (spec,) = [r for r in out.results if r.setting.mode == "speculative"]
+    assert 0 <= spec.summary.acceptance_rate <= 1 and out.meta["temperature"] == 0.8
+
+
+def test_option_parsing():
+    assert parse_draft_lens("2,4, auto") == [2, 4, "auto"]
+    for bad in ("0", "x", "4,4", ""):
+        with pytest.raises(BalspecError, match="--draft-len"):
+            parse_draft_lens(bad)
+    assert parse_peers("hf, prompt-lookup") == ["hf", "prompt-lookup"]
+    with pytest.raises(BalspecError, match="--peers: unknown peer 'vllm'"):
+        parse_peers("hf,vllm")
+
+
+def test_missing_exit_fails_before_timing(bm):
+    with pytest.raises(BalspecError, match=r"--exits: 4 not in the exits checkpoint \(it has 3,5\)"):
+        run_bench(bm, PROMPTS, BenchOptions(exits=[4], draft_lens=[2]))
+
+
+def test_plot_writes_a_png(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    plot(report, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_without_matplotlib_fails_clearly(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(BalspecError, match=r"--plot needs matplotlib"):
+        require_matplotlib()
+
+
+# -- the command line, on tiny-random loaded from disk -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exits_dir(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BALSPEC_HOME", str(home))
+        model, _ = load_model("tiny-random")
+    return home, save_exits(attach_exits(model, [2, 4]), model, home / "exits")
+
+
+def run_cli(args, monkeypatch, exits_dir):
+    from balspec.cli import main
+
+    home, path = exits_dir
+    monkeypatch.setenv("BALSPEC_HOME", str(home))
+    monkeypatch.setattr(sys, "argv", ["balspec", "bench", "--model", "tiny-random", "--exits-path", str(path),
+                                      "--num-prompts", "2", "--max-new-tokens", "4", "--warmup", "0", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code or 0
+
+
+def test_cli_json_is_one_document(monkeypatch, capsys, exits_dir, tmp_path):
+    output = tmp_path / "bench.json"
+    assert run_cli(["--exits", "2", "--json", "--output", str(output)], monkeypatch, exits_dir) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(out)  # the whole of stdout is the document
+    assert json.loads(output.read_text()) == doc
+    assert doc["meta"]["model"] == "tiny-random"
+    assert doc["meta"]["exits_checkpoint"] == str(exits_dir[1])
+    assert doc["meta"]["command"].startswith("balspec bench --model tiny-random")
+    (spec,) = [r for r in doc["results"] if r["mode"] == "speculative"]
+    assert spec["exit"] == 2 and spec["draft_len"] == 4 and spec["greedy_mismatches"] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--exits", "3"], "error: --exits: 3 not in the exits checkpoint (it has 2,4)"),
+    (["--exits", "2", "--draft-len", "0"], "error: --draft-len: draft lengths must be >= 1, got 0"),
+    (["--exits", "a,b"], "error: --exits: expected comma-separated layer numbers"),
+    (["--prompts", "/nonexistent/p.jsonl"], "error: --prompts: /nonexistent/p.jsonl is not a file"),
+])
+def test_cli_bad_input_is_one_clear_line(monkeypatch, capsys, exits_dir, args, message):
+    assert run_cli(args, monkeypatch, exits_dir) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(message)
+    assert "Traceback" not in captured.err
+
+
+# -- evals/exit_quality.py ------------------------------------------------------------------------------------
+
+def test_exit_quality_is_exact_for_a_copy_of_the_last_layer(monkeypatch, exits_dir, tmp_path):
+    """On a 6-layer model an untrained balcony at exit 5 (copy of layer 6 + final norm) IS the full model:
+    KL 0 and full agreement check the hidden-state, rotary and causal-mask plumbing of the eval."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("exit_quality", Path(__file__).parents[1] / "evals/exit_quality.py")
+    exit_quality = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "exit_quality", exit_quality)  # dataclasses look their module up
+    spec.loader.exec_module(exit_quality)
+    monkeypatch.setenv("BALSPEC_HOME", str(exits_dir[0]))
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": p.text},
+                                                       {"role": "assistant", "content": p.text[::-1]}]})
+                              for p in PROMPTS.prompts) + "\n" + json.dumps({"text": "plain text record"}) + "\n")
+    output = tmp_path / "quality.json"
+    exit_quality.main(["--model", "tiny-random", "--exits", "2,5", "--data", str(data), "--seq-len", "32",
+                       "--output", str(output)])
+    doc = json.loads(output.read_text())
+    rows = {(r["name"], r["exit"]): r for r in doc["rows"]}
+    assert set(rows) == {("full", None), ("balcony (untrained)", 2), ("shared head", 2),
+                         ("balcony (untrained)", 5), ("shared head", 5)}
+    assert rows["balcony (untrained)", 5]["kl"] == pytest.approx(0, abs=1e-5)
+    assert rows["balcony (untrained)", 5]["top1_agreement"] == 1.0
+    assert rows["balcony (untrained)", 5]["perplexity"] == pytest.approx(rows["full", None]["perplexity"], rel=1e-4)
+    assert rows["shared head", 2]["kl"] > 0
+    assert doc["meta"]["tokens"] > 0 and doc["meta"]["device"]
