@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -207,7 +206,7 @@ def save_exits(exits: Exits, model: nn.Module, path: str | Path, dtype: torch.dt
             "base_model": base_model_info(model), "exits": exits.exits, "norm_init": exits.norm_init,
             "layer_init": exits.layer_init, "balcony_layers": exits.balcony_layers,
             "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
-            "weights_sha256": _sha256(weights_tmp), "training": training or {}}
+            "weights_sha256": sha256_file(weights_tmp), "training": training or {}}
     if defaults:
         meta["defaults"] = defaults
     os.replace(weights_tmp, path / WEIGHTS_FILE)
@@ -252,7 +251,7 @@ def load_exits(model: nn.Module, path: str | Path) -> tuple[Exits, dict]:
     path = Path(path)
     meta = read_meta(path)
     check_base(meta, model, str(path))
-    if _sha256(path / WEIGHTS_FILE) != meta.get("weights_sha256"):
+    if sha256_file(path / WEIGHTS_FILE) != meta.get("weights_sha256"):
         raise BalspecError(f"{path / WEIGHTS_FILE} is corrupt or truncated (checksum does not match {META_FILE})")
     try:
         tensors = load_file(path / WEIGHTS_FILE)
@@ -278,22 +277,14 @@ def _temp_in(directory: Path, name: str) -> str:
 def _write_json_atomic(target: Path, obj: dict) -> None:
     tmp = _temp_in(target.parent, target.name)
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
+        json.dump(obj, f, indent=2, default=str)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)
 
 
-def _json_default(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Path):
-        return str(x)
-    return str(x)
-
-
-def _sha256(file: str | Path) -> str:
+def sha256_file(file: str | Path) -> str:
     h = hashlib.sha256()
     with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 
 from balspec.errors import BalspecError
-from balspec.exits import WEIGHTS_FILE, _sha256, check_base, read_meta
+from balspec.exits import WEIGHTS_FILE, check_base, read_meta, sha256_file
+from balspec.report import json_safe
 
 
 def resolve_exits_path(exits_path: str | Path | None, model_name: str | None) -> Path:
@@ -57,8 +58,8 @@ def describe_checkpoint(path: str | Path, model=None) -> dict:
             "parameters_per_exit": {str(e): per_exit.get(str(e), 0) for e in meta["exits"]},
             "parameters_total": sum(per_exit.values()),
             "size_bytes": weights.stat().st_size,
-            "checksum_ok": _sha256(weights) == meta.get("weights_sha256"),
-            "training": _finite(meta.get("training") or {})}
+            "checksum_ok": sha256_file(weights) == meta.get("weights_sha256"),
+            "training": json_safe(meta.get("training") or {})}
 
 
 def render_table(info: dict):
@@ -92,17 +93,6 @@ def render_table(info: dict):
         # Text, not markup: a value such as "[cosine]" must print as it is
         table.add_row(name, Text(text if len(text) <= 100 else text[:97] + "..."))  # a loss curve, say
     return table
-
-
-def _finite(x):
-    """NaN and infinity (a diverged loss, say) are not JSON: they become null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
 
 
 def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:

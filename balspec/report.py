@@ -35,7 +35,7 @@ def report_dict(report: BenchReport) -> dict:
 
 def to_json(report: BenchReport) -> str:
     # NaN and inf are not JSON: they become null
-    return json.dumps(_finite(report_dict(report)), indent=2, allow_nan=False)
+    return json.dumps(json_safe(report_dict(report)), indent=2, allow_nan=False)
 
 
 def write_json(report: BenchReport, path: str | Path) -> None:
@@ -175,11 +175,12 @@ def _text(x) -> str:
     return "" if x is None else str(x)
 
 
-def _finite(x):
+def json_safe(x):
+    """NaN and infinity (a diverged loss, say) are not JSON: they become null."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_finite(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
