@@ -1,0 +1,331 @@
+"""Training configuration: typed dataclasses, YAML recipes that mirror them, `--set` overrides.
+
+One source of truth: every setting is a dataclass field documented where it is declared. A recipe is a
+YAML file with the same nested sections (model / exits / data / optim / loss / train); `--set key=value`
+and the CLI flags override it, in that order. Everything a user can get wrong is checked in `validate`
+or while merging, and the error names the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from balspec.errors import BalspecError
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "default"
+    """Base model: a local HF directory, a hub id, "default" (embedded SmolLM2-135M-Instruct) or "tiny-random"."""
+    dtype: str = "float32"
+    """Dtype of the frozen base weights: float32, bfloat16 or float16. Balconies always train in float32."""
+
+
+@dataclass
+class ExitsConfig:
+    layers: list[int] = field(default_factory=lambda: [8, 12, 16])
+    """Exit layers e (1 <= e < N): balcony e reads the output of trunk layer e."""
+    norm_init: str = "final"
+    """Norm of each balcony starts as a copy of: "final" (the final norm) or "next-input" (trunk layer e+1's)."""
+    layer_init: str = "last"
+    """Balcony layers start as a copy of the base's "last" decoder layer (paper) or "random"."""
+    balcony_layers: int = 1
+    """Decoder layers per balcony (the paper uses one)."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/corpus/train.jsonl"
+    """Training text: a file, directory or glob (.txt, .jsonl/.json, .parquet) or a hub dataset name."""
+    heldout: str | None = None
+    """Held-out text, same kinds as `train`; null holds out `heldout_blocks` random blocks of `train`."""
+    hub_config: str | None = None
+    """Configuration of a hub dataset, e.g. cosmopedia-v2 for HuggingFaceTB/smollm-corpus."""
+    split: str = "train"
+    """Split to read from a hub dataset (local files always give one split, "train")."""
+    streaming: bool = False
+    """Read and pack on the fly instead of tokenising everything first: for corpora too big for the disk."""
+    shuffle_buffer: int = 1000
+    """Streaming only: blocks shuffled within a buffer of this many blocks (0: keep stream order)."""
+    text_field: str = "text"
+    """Field of a record that holds plain text."""
+    messages_field: str = "messages"
+    """Field of a record that holds a conversation [{"role", "content"}...], rendered with the chat template."""
+    block_size: int = 512
+    """Tokens per training sequence: documents are concatenated (EOS between them) and cut into blocks."""
+    heldout_blocks: int = 16
+    """Blocks used for the per-exit evaluation (0: no evaluation)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    """Peak learning rate (paper: 5e-4), reached after warmup, then cosine decay."""
+    min_lr_ratio: float = 0.0
+    """Learning rate at the last step, as a fraction of `lr`."""
+    warmup_steps: int = 100
+    """Linear warmup from 0, in optimizer steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices (never on norms)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    batch_size: int = 4
+    """Sequences per process per forward pass."""
+    grad_accum: int = 1
+    """Forward passes per optimizer step: sequences per step = batch_size x grad_accum x processes."""
+
+
+@dataclass
+class LossConfig:
+    ce_weight: float = 0.0
+    """Weight of next-token cross-entropy added to each exit's KL (paper: 0, it does not help)."""
+    chunk_size: int = 1024
+    """Positions per chunk of the fused LM-head + KL: bounds memory at chunk x vocab floats per exit."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps; also the length of the cosine schedule."""
+    output: str = "runs/balspec"
+    """Run directory: final exits, checkpoints/, metrics.jsonl, run.json."""
+    seed: int = 0
+    mixed_precision: str = "no"
+    """accelerate mixed precision: no, bf16 or fp16 (on a CPU without bf16 units "no" is faster)."""
+    gradient_checkpointing: bool = False
+    """Recompute balcony activations in the backward pass instead of storing them."""
+    log_every: int = 10
+    """Steps between progress/metrics lines."""
+    eval_every: int = 200
+    """Steps between held-out evaluations (0: only at the end)."""
+    save_every: int = 500
+    """Steps between resumable checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept under checkpoints/."""
+    cpu: bool = False
+    """Train on the CPU even when an accelerator is present."""
+
+
+@dataclass
+class TrainingConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    exits: ExitsConfig = field(default_factory=ExitsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(TrainingConfig))
+# Settings that may differ between a run and its --resume: they change no computed number.
+RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints"}
+
+
+def resolve_config(recipe: str | Path | None = None, sets: list[str] = (), flags: dict | None = None,
+                   base: TrainingConfig | None = None) -> TrainingConfig:
+    """base (defaults) <- recipe YAML <- `--set key=value` <- flags (dotted keys, None = not given)."""
+    config = copy.deepcopy(base) if base is not None else TrainingConfig()
+    if recipe is not None:
+        merge_dict(config, read_recipe(recipe), source=str(recipe))
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise BalspecError(f"--set: expected key=value, got {item!r}")
+        set_value(config, key.strip(), text.strip(), "--set", from_text=True)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_value(config, key, value, "--" + key.split(".")[-1].replace("_", "-"))
+    validate(config)
+    return config
+
+
+def read_recipe(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise BalspecError(f"--recipe: {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise BalspecError(f"--recipe: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise BalspecError(f"--recipe: {path} must hold a mapping of sections (model, exits, data, ...)")
+    return data
+
+
+def merge_dict(config, data: dict, source: str, prefix: str = "") -> None:
+    """Set every leaf of nested `data` on `config`; unknown keys and wrong types name the key."""
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and _is_section(config, dotted):
+            merge_dict(config, value, source, prefix=dotted + ".")
+        else:
+            set_value(config, dotted, value, source)
+
+
+def set_value(config, key: str, value: Any, source: str, from_text: bool = False) -> None:
+    *path, name = key.split(".")
+    target = config
+    for part in path:
+        target = getattr(target, part, None)
+    fields = {f.name for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else set()
+    if name not in fields:
+        close = difflib.get_close_matches(key, [*known_keys(), *SECTIONS], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else f"; sections are {', '.join(SECTIONS)}"
+        raise BalspecError(f"{source}: unknown key {key!r}{hint}")
+    if dataclasses.is_dataclass(getattr(target, name)):
+        raise BalspecError(f"{source}: {key!r} is a section; give its keys, e.g. {key}.{_first_field(target, name)}")
+    kind = typing.get_type_hints(type(target))[name]
+    if from_text and isinstance(value, str):
+        value = parse_text(value, kind, key)
+    setattr(target, name, check_type(value, kind, key))
+
+
+def parse_text(text: str, kind, key: str):
+    """A `--set` value, read as the field's type: `8,12,16` for a list, `null` for an optional."""
+    if _optional_of(kind) is not None and text.lower() in ("null", "none", "~"):
+        return None
+    kind = _optional_of(kind) or kind
+    if typing.get_origin(kind) is list:
+        items = [x for x in text.strip("[]").split(",") if x.strip()]
+        return [parse_text(x.strip(), typing.get_args(kind)[0], key) for x in items]
+    if kind is bool:
+        if text.lower() in ("true", "yes", "1", "on"):
+            return True
+        if text.lower() in ("false", "no", "0", "off"):
+            return False
+        raise BalspecError(f"{key}: expected true or false, got {text!r}")
+    if kind is str:
+        return text
+    try:
+        return kind(text)
+    except ValueError:
+        raise BalspecError(f"{key}: expected {kind.__name__}, got {text!r}") from None
+
+
+def check_type(value, kind, key: str):
+    """`value` (from YAML or a flag) if it fits the field's type; YAML's `5e-4` string counts as a float."""
+    inner = _optional_of(kind)
+    if inner is not None:
+        return None if value is None else check_type(value, inner, key)
+    if typing.get_origin(kind) is list:
+        if isinstance(value, str):
+            return parse_text(value, kind, key)
+        if not isinstance(value, (list, tuple)):
+            raise BalspecError(f"{key}: expected a list, got {value!r}")
+        return [check_type(v, typing.get_args(kind)[0], key) for v in value]
+    if kind is float and isinstance(value, str):
+        return parse_text(value, float, key)
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        hint = " (quote it: YAML reads yes/no/on/off as booleans)" if kind is str and isinstance(value, bool) else ""
+        raise BalspecError(f"{key}: expected {kind.__name__}, got {value!r}{hint}")
+    return value
+
+
+def validate(config: TrainingConfig) -> None:
+    """Range checks a type cannot express. Exit layers are checked against the model once it is loaded."""
+    from balspec.exits import LAYER_INITS, NORM_INITS
+
+    c = config
+    checks = [
+        ("model.dtype", c.model.dtype in DTYPE_NAMES, f"one of {', '.join(DTYPE_NAMES)}"),
+        ("exits.layers", len(c.exits.layers) > 0, "at least one exit layer"),
+        ("exits.norm_init", c.exits.norm_init in NORM_INITS, f"one of {', '.join(NORM_INITS)}"),
+        ("exits.layer_init", c.exits.layer_init in LAYER_INITS, f"one of {', '.join(LAYER_INITS)}"),
+        ("exits.balcony_layers", c.exits.balcony_layers >= 1, "at least 1"),
+        ("data.block_size", c.data.block_size >= 2, "at least 2"),
+        ("data.heldout_blocks", c.data.heldout_blocks >= 0, "0 or more"),
+        ("data.shuffle_buffer", c.data.shuffle_buffer >= 0, "0 or more"),
+        ("optim.lr", c.optim.lr > 0, "positive"),
+        ("optim.min_lr_ratio", 0 <= c.optim.min_lr_ratio <= 1, "between 0 and 1"),
+        ("optim.warmup_steps", c.optim.warmup_steps >= 0, "0 or more"),
+        ("optim.weight_decay", c.optim.weight_decay >= 0, "0 or more"),
+        ("optim.grad_clip", c.optim.grad_clip >= 0, "0 or more"),
+        ("optim.batch_size", c.optim.batch_size >= 1, "at least 1"),
+        ("optim.grad_accum", c.optim.grad_accum >= 1, "at least 1"),
+        ("loss.ce_weight", c.loss.ce_weight >= 0, "0 or more"),
+        ("loss.chunk_size", c.loss.chunk_size >= 1, "at least 1"),
+        ("train.max_steps", c.train.max_steps >= 1, "at least 1"),
+        ("train.mixed_precision", c.train.mixed_precision in MIXED_PRECISION, f"one of {', '.join(MIXED_PRECISION)}"),
+        ("train.log_every", c.train.log_every >= 1, "at least 1"),
+        ("train.eval_every", c.train.eval_every >= 0, "0 or more"),
+        ("train.save_every", c.train.save_every >= 0, "0 or more"),
+        ("train.keep_checkpoints", c.train.keep_checkpoints >= 1, "at least 1"),
+    ]
+    for key, ok, wanted in checks:
+        if not ok:
+            raise BalspecError(f"{key}: must be {wanted}, got {get_value(config, key)!r}")
+
+
+def config_to_dict(config: TrainingConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict, source: str) -> TrainingConfig:
+    config = TrainingConfig()
+    merge_dict(config, data, source)
+    validate(config)
+    return config
+
+
+def changed_keys(old: TrainingConfig, new: TrainingConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(new))
+    return [k for k in a if a[k] != b[k]]
+
+
+def known_keys() -> list[str]:
+    return list(_flatten(config_to_dict(TrainingConfig())))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _is_section(config, dotted: str) -> bool:
+    target = config
+    for part in dotted.split("."):
+        target = getattr(target, part, None)
+    return dataclasses.is_dataclass(target)
+
+
+def _first_field(target, name: str) -> str:
+    return dataclasses.fields(getattr(target, name))[0].name
+
+
+def get_value(config, dotted: str):
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _optional_of(kind):
+    """X for `X | None`, else None."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(kind)) == 2:
+            return args[0]
+    return None

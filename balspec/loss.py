@@ -1,0 +1,206 @@
+"""Self-distillation loss (paper eq. 2): sum over exits of KL(p_full || q_exit), averaged over positions.
+
+One no-grad forward of the frozen model gives the trunk hidden states at every exit and the final normed
+hidden state, whose image under the LM head is the teacher's logits. Each balcony runs on its exit's
+hidden states. The shared LM head and the KL are then fused and chunked over positions: per chunk the
+teacher's and each exit's logits are made, the KL, top-1 agreement and the gradient w.r.t. the exit's
+hidden state computed, and the logits dropped. So memory holds a few chunk x vocab buffers instead of
+[batch, seq, vocab] logits per exit, the buffers are reused from step to step (a fresh 200 MB tensor
+costs as much as a matmul on a CPU, in page faults), and the backward pass is a multiplication by a
+stored [positions, hidden] gradient. The head matmuls are the bulk of the cost: two per exit per
+position (logits, gradient), against one for the teacher. Softmaxes are fp32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from balspec.exits import Exits
+
+
+@dataclass
+class ExitLosses:
+    """Per-exit numbers of one batch, each [exits] in the order of `Exits.exits`."""
+
+    loss: torch.Tensor  # kl + ce_weight * ce: the only differentiable one
+    kl: torch.Tensor  # mean over positions of KL(p_full || q_exit), in nats
+    ce: torch.Tensor  # mean next-token cross-entropy of the exit (0 when not computed)
+    agree: torch.Tensor  # fraction of positions where the exit's argmax equals the full model's
+
+
+def teacher_forward(model: nn.Module, input_ids: torch.Tensor, exits: list[int]):
+    """(final normed hidden state [batch, seq, hidden], [trunk hidden states [batch, seq, hidden] per exit]).
+
+    The teacher's logits are head(final hidden state); `distill_losses` makes them chunk by chunk, so the
+    forward keeps logits for the last position only.
+    """
+    with torch.no_grad():
+        out = model(input_ids, output_hidden_states=True, logits_to_keep=1)
+    # hidden_states[0] is the embedding output, hidden_states[e] the output of trunk layer e (e < N) and
+    # hidden_states[N] the output of the final norm.
+    return out.hidden_states[-1], [out.hidden_states[e] for e in exits]
+
+
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """Labels for cross-entropy: the next token, -100 at the last position of each block. [batch, seq]"""
+    labels = torch.full_like(input_ids, -100)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels
+
+
+class Workspace:
+    """Logit-sized buffers kept between calls: allocating them afresh each step is slow on a CPU."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != shape or buf.device != device:
+            self.buffers[name] = buf = torch.empty(shape, dtype=torch.float32, device=device)
+        return buf
+
+
+def distill_losses(hidden: list[torch.Tensor], teacher_hidden: torch.Tensor, head: nn.Linear,
+                   labels: torch.Tensor | None = None, ce_weight: float = 0.0, chunk: int = 1024,
+                   workspace: Workspace | None = None) -> ExitLosses:
+    """Losses of the exits whose normed balcony outputs are `hidden` (each [positions, hidden_size]).
+
+    teacher_hidden: the full model's final normed hidden states [positions, hidden_size]; labels:
+    [positions] (-100: none), needed when ce_weight > 0. Gradients flow to `hidden` only: the head is
+    the base model's and stays frozen.
+    """
+    if ce_weight > 0 and labels is None:
+        raise ValueError("ce_weight > 0 needs labels")
+    want_grad = torch.is_grad_enabled() and any(h.requires_grad for h in hidden)
+    loss, metrics = _FusedHeadKL.apply(teacher_hidden, labels, head.weight, head.bias, ce_weight, chunk,
+                                       want_grad, workspace or Workspace(), *hidden)
+    return ExitLosses(loss, metrics[0], metrics[1], metrics[2])
+
+
+class _FusedHeadKL(torch.autograd.Function):
+    """LM head + KL (+ CE) per chunk of positions; the gradient w.r.t. the exit hidden states is made here.
+
+    With z the exit logits, t the teacher's, p = softmax(t), q = softmax(z), per position:
+      KL(p || q) = sum_v p_v log p_v - sum_v p_v z_v + lse(z)      d KL / dz = q - p
+      CE = lse(z) - z_label                                       d CE / dz = q - onehot(label)
+    and lse(z) = max(z) - log(q_argmax), so no pass over the vocabulary is spent on it.
+    """
+
+    @staticmethod
+    def forward(ctx, teacher_hidden, labels, weight, bias, ce_weight, chunk, want_grad, workspace, *hidden):
+        n, device = teacher_hidden.shape[0], teacher_hidden.device
+        n_valid = max(int((labels >= 0).sum()), 1) if labels is not None else 1
+        sums = torch.zeros(3, len(hidden), dtype=torch.float64, device=device)  # kl, ce, agree
+        grads = [torch.empty_like(h) for h in hidden] if want_grad else None
+        shape = (min(chunk, n), weight.shape[0])
+        logits, p, q = (workspace.get(name, shape, device) for name in ("logits", "p", "q"))  # [chunk, vocab]
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            size = rows.stop - rows.start
+            lab = labels[rows] if labels is not None else None
+            t = _logits_into(logits[:size], teacher_hidden[rows], weight, bias)
+            max_t, top_t = t.max(dim=-1)  # [chunk]
+            p_t = torch.softmax(t, dim=-1, out=p[:size])
+            p_logp = _rowdot(p_t, t) - _logsumexp(max_t, p_t, top_t)  # [chunk]: sum_v p_v log p_v
+            for i, h in enumerate(hidden):
+                z = _logits_into(logits[:size], h[rows], weight, bias)
+                max_z, top_z = z.max(dim=-1)
+                p_z = _rowdot(p_t, z)
+                q_z = torch.softmax(z, dim=-1, out=q[:size])  # z stays: its buffer is not q's
+                lse_z = _logsumexp(max_z, q_z, top_z)
+                sums[0, i] += (p_logp - p_z + lse_z).sum()
+                sums[2, i] += (top_z == top_t).sum()
+                if lab is not None:
+                    z_label = z.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
+                    sums[1, i] += ((lse_z - z_label) * (lab >= 0)).sum()
+                if want_grad:
+                    scale = _logit_gradient(q_z, p_t, n, ce_weight, n_valid, lab)
+                    grads[i][rows] = (_matmul(q_z, weight) * scale).to(h.dtype)  # [chunk, hidden]
+        kl, ce, agree = sums[0] / n, sums[1] / n_valid, sums[2] / n
+        ctx.grads = grads
+        metrics = torch.stack([kl, ce, agree]).float()  # [3, exits]
+        ctx.mark_non_differentiable(metrics)
+        return (kl + ce_weight * ce).float(), metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_metrics):
+        grads = [g * grad_loss[i].to(g.dtype) for i, g in enumerate(ctx.grads)]
+        ctx.grads = None
+        return (None,) * 8 + tuple(grads)
+
+
+def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """head(h) written into the fp32 buffer `out` [rows, vocab]."""
+    if weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+        torch.mm(h.float(), weight.t(), out=out)
+        return out if bias is None else out.add_(bias)
+    return out.copy_(F.linear(h.to(weight.dtype), weight, bias))
+
+
+def _matmul(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """a @ weight, [rows, vocab] x [vocab, hidden], in the weight's dtype (or autocast's)."""
+    return a.to(weight.dtype) @ weight
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products [rows] of two [rows, vocab] tensors, without a [rows, vocab] temporary.
+    In fp32 even under autocast: the KL is a difference of such sums, tens of nats each."""
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _logsumexp(row_max: torch.Tensor, softmax: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
+    """lse(x) = max(x) - log(softmax(x)[argmax x]); that softmax entry is at least 1/vocab: no underflow."""
+    return row_max - softmax.gather(1, argmax.unsqueeze(1)).squeeze(1).log()
+
+
+def _logit_gradient(q: torch.Tensor, p: torch.Tensor, n: int, ce_weight: float, n_valid: int,
+                    labels: torch.Tensor | None) -> float:
+    """Turn q into d loss / d z, in place, up to a factor that is returned: it is applied after the head
+    matmul, to the [chunk, hidden] product instead of the [chunk, vocab] tensor.
+    d loss / d z = (q - p) / n + ce_weight * (q - onehot(label)) / n_valid."""
+    if labels is None or ce_weight == 0:
+        q.sub_(p)
+        return 1.0 / n
+    ok = labels >= 0
+    scale = torch.full_like(q[:, 0], 1.0 / n) + ok * (ce_weight / n_valid)  # [chunk]
+    q.mul_(scale.unsqueeze(-1)).sub_(p, alpha=1.0 / n)
+    rows = torch.nonzero(ok).squeeze(1)
+    q[rows, labels[rows]] -= ce_weight / n_valid
+    return 1.0
+
+
+class Distiller(nn.Module):
+    """The module accelerate prepares: the balconies (its only parameters) and their loss.
+
+    The frozen base model stays outside it, so DDP/FSDP/DeepSpeed wrap and shard only the balconies.
+    """
+
+    def __init__(self, exits: Exits, ce_weight: float = 0.0, chunk: int = 1024, checkpointing: bool = False):
+        super().__init__()
+        self.exits = exits
+        self.ce_weight, self.chunk, self.checkpointing = ce_weight, chunk, checkpointing
+        self.workspace = Workspace()
+
+    def forward(self, trunk: list[torch.Tensor], position_embeddings, teacher_hidden: torch.Tensor, head: nn.Linear,
+                labels: torch.Tensor | None = None) -> ExitLosses:
+        """trunk: hidden states [batch, seq, hidden] at each exit; teacher_hidden: the final normed ones."""
+        normed = []
+        for e, h in zip(self.exits.exits, trunk):
+            balcony = self.exits[e]
+            h = h.to(balcony.norm.weight.dtype)
+            if self.checkpointing and torch.is_grad_enabled():
+                out = checkpoint(balcony, h, position_embeddings, use_reentrant=False)
+            else:
+                # attention_mask None: causal SDPA over the whole block (no cache in training)
+                out = balcony(h, position_embeddings=position_embeddings)
+            normed.append(out.flatten(0, 1))  # [batch * seq, hidden]
+        flat_labels = labels.flatten() if labels is not None and self.ce_weight > 0 else None
+        return distill_losses(normed, teacher_hidden.flatten(0, 1), head, flat_labels, self.ce_weight, self.chunk,
+                              self.workspace)

@@ -1,0 +1,330 @@
+"""The training loop: self-distil balconies on a frozen base model under accelerate.
+
+Run directory (`train.output`):
+    run.json                 marks a balspec run; the resolved config it started with
+    metrics.jsonl            one JSON line per log step and per evaluation
+    checkpoints/step-NNNNNNN accelerate state (balconies, optimizer, RNG) + scheduler, data position,
+                             progress; also a loadable exits checkpoint (exits.safetensors + balspec.json)
+    exits.safetensors, balspec.json   the final exits: `load_exits(model, output)`
+Checkpoints are written to a hidden temp directory and renamed into place, so none is ever half-written.
+Everything a user can get wrong is checked before the first file is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from balspec import __version__
+from balspec.config import (
+    RESUMABLE_CHANGES,
+    TrainingConfig,
+    changed_keys,
+    config_from_dict,
+    config_to_dict,
+    get_value,
+    resolve_config,
+)
+from balspec.data import load_blocks
+from balspec.errors import BalspecError
+from balspec.exits import Exits, attach_exits, model_parts, read_meta, save_exits
+from balspec.loss import Distiller, ExitLosses, next_token_labels, teacher_forward
+from balspec.models import load_model
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class RunProgress:
+    """How far a run has got; saved in every checkpoint."""
+
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0  # time inside training steps: the denominator of tokens/s
+    wall_seconds: float = 0.0  # all of it, evaluations and checkpoints included, summed over resumes
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__init__(**state)
+
+
+def configure(recipe: str | None, sets: list[str], flags: dict, resume: bool) -> tuple[TrainingConfig, Path | None]:
+    """The run's config and the checkpoint to resume from; refuses an output directory it must not touch."""
+    config = resolve_config(recipe, sets, flags)
+    output = Path(config.train.output)
+    if output.exists() and not output.is_dir():
+        raise BalspecError(f"--output: {output} is a file, not a directory")
+    is_run = (output / RUN_FILE).exists()
+    if output.exists() and any(output.iterdir()) and not is_run:
+        raise BalspecError(f"--output: {output} holds other files (not a balspec run); choose a new or empty directory")
+    if not resume:
+        if is_run:
+            raise BalspecError(f"--output: {output} already holds a balspec run; add --resume to continue it "
+                               "or choose another directory")
+        return config, None
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is None:
+        raise BalspecError(f"--resume: {output} has no checkpoint to resume from")
+    saved = config_from_dict(read_meta(checkpoint)["training"]["config"], str(checkpoint))
+    config = resolve_config(recipe, sets, flags, base=saved)
+    changed = [k for k in changed_keys(saved, config) if k not in RESUMABLE_CHANGES]
+    if changed:
+        raise BalspecError(f"--resume: {changed[0]} differs from the run being resumed "
+                           f"({get_value(saved, changed[0])!r} there); start a new run to change it")
+    return config, checkpoint
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    done = [p for p in (output / CHECKPOINTS).glob("step-*") if (p / "balspec.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
+    """Train the balconies of `config.exits.layers`; returns the run directory holding the final exits."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    started = time.perf_counter()
+    c = config
+    accelerator = Accelerator(mixed_precision=c.train.mixed_precision, cpu=c.train.cpu,
+                              gradient_accumulation_steps=c.optim.grad_accum)
+    if accelerator.state.deepspeed_plugin is not None:  # no prepared dataloader to infer it from
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = c.optim.batch_size
+    set_seed(c.train.seed)
+    model, tokenizer = load_model(c.model.name, c.model.dtype, device=accelerator.device)
+    parts = model_parts(model)
+    exits = attach_exits(model, c.exits.layers, c.exits.norm_init, c.exits.layer_init, c.exits.balcony_layers,
+                         seed=c.train.seed).float()  # fp32 master weights whatever the base dtype
+    blocks, eval_blocks = load_blocks(c.data, tokenizer, c.train.seed, accelerator.process_index,
+                                      accelerator.num_processes)  # eval_blocks: all of them, [heldout, block]
+
+    output = Path(c.train.output)
+    if accelerator.is_main_process and resume_from is None:
+        output.mkdir(parents=True, exist_ok=True)
+        _write_json(output / RUN_FILE, {"balspec_version": __version__, "config": config_to_dict(config)})
+    distiller = Distiller(exits, c.loss.ce_weight, c.loss.chunk_size, c.train.gradient_checkpointing)
+    optimizer = build_optimizer(distiller, c)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(c))
+    distiller, optimizer = accelerator.prepare(distiller, optimizer)
+    progress = RunProgress()
+    # Not prepared: a prepared scheduler steps once per process; this one steps once per optimizer step.
+    accelerator.register_for_checkpointing(scheduler, blocks, progress)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        if accelerator.is_main_process:
+            _truncate_metrics(output / METRICS_FILE, progress.step)
+    saved_step = progress.step if resume_from is not None else -1
+    resumed_at = progress.step if resume_from is not None else None
+
+    tokens_per_step = c.optim.batch_size * c.data.block_size * c.optim.grad_accum * accelerator.num_processes
+    data_info = {"train": c.data.train, "heldout": c.data.heldout, "block_size": c.data.block_size,
+                 "train_blocks": len(blocks) if hasattr(blocks, "__len__") else None,
+                 "heldout_blocks": len(eval_blocks)}
+    eval_metrics: dict = {}
+    wall_base = progress.wall_seconds
+
+    def elapsed() -> float:
+        progress.wall_seconds = wall_base + time.perf_counter() - started
+        return progress.wall_seconds
+
+    def record() -> dict:
+        elapsed()
+        return training_record(config, progress, accelerator, data_info, eval_metrics, resumed_at)
+
+    with progress_bar(accelerator.is_main_process) as bar:
+        task = bar.add_task("train", total=c.train.max_steps, completed=progress.step, info="")
+        window_tokens, window_seconds = 0, 0.0  # since the last metrics line: tokens/s excludes evals and saves
+        while progress.step < c.train.max_steps:
+            t0 = time.perf_counter()
+            losses, grad_norm = train_step(model, parts, distiller, optimizer, blocks, accelerator, c)
+            scheduler.step()
+            kl = dict(zip(exits.exits, accelerator.reduce(losses.kl, "mean").tolist()))
+            seconds = time.perf_counter() - t0
+            progress.step, progress.tokens = progress.step + 1, progress.tokens + tokens_per_step
+            progress.train_seconds += seconds
+            window_tokens, window_seconds = window_tokens + tokens_per_step, window_seconds + seconds
+            lr = scheduler.get_last_lr()[0]
+            per_exit = " ".join(f"{e}:{v:.3f}" for e, v in kl.items())
+            bar.update(task, completed=progress.step,
+                       info=f"kl {per_exit} | {window_tokens / window_seconds:,.0f} tok/s | lr {lr:.2e}")
+            last = progress.step == c.train.max_steps
+            if last or progress.step % c.train.log_every == 0:
+                _append_metrics(accelerator, output, {
+                    "step": progress.step, "loss": sum(kl.values()), **{f"kl/{e}": v for e, v in kl.items()},
+                    "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": progress.tokens,
+                    "tokens_per_s": window_tokens / window_seconds, "elapsed_s": round(elapsed(), 2)})
+                window_tokens, window_seconds = 0, 0.0
+            if len(eval_blocks) and (last or c.train.eval_every and progress.step % c.train.eval_every == 0):
+                eval_metrics = evaluate(model, parts, distiller, eval_blocks, accelerator, c)
+                _append_metrics(accelerator, output, {"step": progress.step, **eval_metrics})
+            if last or c.train.save_every and progress.step % c.train.save_every == 0:
+                save_checkpoint(accelerator, distiller, model, output, progress.step, record(), c)
+                saved_step = progress.step
+    if len(eval_blocks) and not eval_metrics:  # a finished run resumed: nothing trained, evaluate anyway
+        eval_metrics = evaluate(model, parts, distiller, eval_blocks, accelerator, c)
+    if saved_step != progress.step:
+        save_checkpoint(accelerator, distiller, model, output, progress.step, record(), c)
+    final = gathered_exits(accelerator, distiller, model, c)
+    if accelerator.is_main_process:
+        save_exits(final, model, output, dtype=parts.head.weight.dtype, training=record())
+    accelerator.wait_for_everyone()
+    return output
+
+
+def train_step(model, parts, distiller, optimizer, blocks, accelerator, c: TrainingConfig):
+    """One optimizer step over grad_accum batches. Returns (mean ExitLosses, grad norm or None)."""
+    kl = ce = agree = 0.0
+    grad_norm = None
+    for _ in range(c.optim.grad_accum):
+        input_ids = blocks.next_batch(c.optim.batch_size).to(accelerator.device)  # [batch, block]
+        with accelerator.accumulate(distiller):
+            losses = distill_batch(model, parts, distiller, input_ids, accelerator, c)
+            accelerator.backward(losses.loss.sum())
+            if accelerator.sync_gradients and c.optim.grad_clip > 0:
+                grad_norm = accelerator.clip_grad_norm_(distiller.parameters(), c.optim.grad_clip)
+            optimizer.step()  # accelerate skips these until the last batch of the step
+            optimizer.zero_grad(set_to_none=True)
+        kl, ce, agree = kl + losses.kl, ce + losses.ce, agree + losses.agree
+    n = c.optim.grad_accum
+    return ExitLosses((kl + c.loss.ce_weight * ce) / n, kl / n, ce / n, agree / n), grad_norm
+
+
+def distill_batch(model, parts, distiller, input_ids: torch.Tensor, accelerator, c: TrainingConfig) -> ExitLosses:
+    """The teacher's no-grad forward, then the balconies and their losses on one batch [batch, block]."""
+    batch, seq = input_ids.shape
+    position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, -1)  # [batch, seq]
+    with accelerator.autocast():
+        teacher_hidden, trunk = teacher_forward(model, input_ids, sorted(c.exits.layers))
+        with torch.no_grad():
+            position_embeddings = parts.rotary(trunk[0], position_ids)
+        labels = next_token_labels(input_ids) if c.loss.ce_weight > 0 else None
+        return distiller(trunk, position_embeddings, teacher_hidden, parts.head, labels)
+
+
+def evaluate(model, parts, distiller, eval_blocks: torch.Tensor, accelerator, c: TrainingConfig) -> dict:
+    """Per-exit KL and top-1 agreement with the full model on the held-out blocks, shared among processes."""
+    sums = torch.zeros(3, len(c.exits.layers), device=accelerator.device)  # kl, agree, blocks
+    mine = eval_blocks[accelerator.process_index::accelerator.num_processes]
+    with torch.no_grad():
+        for start in range(0, len(mine), c.optim.batch_size):
+            input_ids = mine[start:start + c.optim.batch_size].to(accelerator.device)  # [batch, block]
+            losses = distill_batch(model, parts, distiller, input_ids, accelerator, c)
+            sums += torch.stack([losses.kl, losses.agree, torch.ones_like(losses.kl)]) * len(input_ids)
+    sums = accelerator.reduce(sums, "sum")
+    kl, agree = (sums[:2] / sums[2].clamp(min=1)).tolist()
+    layers = sorted(c.exits.layers)
+    return {**{f"eval/kl/{e}": v for e, v in zip(layers, kl)}, **{f"eval/top1/{e}": v for e, v in zip(layers, agree)}}
+
+
+def build_optimizer(distiller: Distiller, c: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW over the balconies only; no weight decay on norms."""
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": c.optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=c.optim.lr, betas=(c.optim.beta1, c.optim.beta2), eps=c.optim.eps)
+
+
+def cosine_schedule(c: TrainingConfig):
+    """Learning-rate factor per step: linear warmup, then cosine down to min_lr_ratio at max_steps."""
+    warmup, total, floor = c.optim.warmup_steps, c.train.max_steps, c.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        done = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
+
+    return factor
+
+
+def save_checkpoint(accelerator, distiller, model, output: Path, step: int, training: dict,
+                    c: TrainingConfig) -> Path:
+    """accelerate state + an exits checkpoint, written to a temp directory and renamed into place."""
+    root = output / CHECKPOINTS
+    final, partial = root / f"step-{step:07d}", root / f".step-{step:07d}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    exits = gathered_exits(accelerator, distiller, model, c)
+    if accelerator.is_main_process:
+        save_exits(exits, model, partial, training=training)
+        shutil.rmtree(final, ignore_errors=True)  # only when an older run reached this step: replace it
+        os.replace(partial, final)
+        done = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in done[:-c.train.keep_checkpoints]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def gathered_exits(accelerator, distiller, model, c: TrainingConfig) -> Exits | None:
+    """The full (unsharded) exits on the main process; every process must call it."""
+    state = accelerator.get_state_dict(distiller)
+    if not accelerator.is_main_process:
+        return None
+    if accelerator.num_processes == 1:
+        return accelerator.unwrap_model(distiller).exits
+    exits = attach_exits(model, c.exits.layers, c.exits.norm_init, c.exits.layer_init, c.exits.balcony_layers)
+    exits.load_state_dict({k.removeprefix("exits."): v for k, v in state.items()})
+    return exits
+
+
+def training_record(config: TrainingConfig, progress: RunProgress, accelerator, data: dict, eval_metrics: dict,
+                    resumed_at: int | None) -> dict:
+    """The `training` field of balspec.json: what was trained, on what, how long and how fast."""
+    device = f"cpu ({torch.get_num_threads()} threads)"
+    if accelerator.device.type != "cpu":
+        device = str(accelerator.device)
+    if accelerator.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(accelerator.device)})"
+        peak_mb = torch.cuda.max_memory_allocated(accelerator.device) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return {"config": config_to_dict(config), "data": data, "steps": progress.step, "tokens_seen": progress.tokens,
+            "wall_time_s": round(progress.wall_seconds, 2), "train_time_s": round(progress.train_seconds, 2),
+            "tokens_per_s": round(progress.tokens / max(progress.train_seconds, 1e-9), 1), "device": device,
+            "num_processes": accelerator.num_processes, "mixed_precision": config.train.mixed_precision,
+            "peak_memory_mb": round(peak_mb, 1), "resumed_at_step": resumed_at, "eval": eval_metrics}
+
+
+def progress_bar(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
+
+
+def _append_metrics(accelerator, output: Path, line: dict) -> None:
+    if accelerator.is_main_process:
+        with open(output / METRICS_FILE, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint being resumed: the resumed run logs those steps again."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
