@@ -37,7 +37,8 @@ def generate(
     raw: bool = typer.Option(False, "--raw", help="Do not apply the chat template."),
     show_drafts: bool = typer.Option(False, "--show-drafts", help="Colour accepted drafts green and show "
                                      "rejected drafts struck through in red."),
-    compare: bool = typer.Option(False, "--compare", help="Also run full mode on the prompt: report the speedup "
+    compare: bool = typer.Option(False, "--compare", help="Also run full mode on the prompt (speculative mode when "
+                                 "the chosen mode is full): report the speedup "
                                  "and whether the outputs are identical."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (text, token ids, stats)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
@@ -69,7 +70,11 @@ def generate(
     out = bm.generate(prompt, on_cycle=streamer, **kwargs)
     if streamer is not None:
         streamer.finish()
-    baseline = bm.generate(prompt, **{**kwargs, "mode": "full"}) if compare else None
+    baseline = None
+    if compare and out.stats.mode == "full" and bm.exits:  # show what speculation does here; full stays the reference
+        out, baseline = bm.generate(prompt, **{**kwargs, "mode": "speculative"}), out
+    elif compare:
+        baseline = bm.generate(prompt, **{**kwargs, "mode": "full"})
     if as_json:
         doc = out.to_dict()
         if baseline is not None:
