@@ -271,6 +271,7 @@ def load_exits(model: nn.Module, path: str | Path) -> tuple[Exits, dict]:
 def _temp_in(directory: Path, name: str) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared checkpoint from other users
     return tmp
 
 
