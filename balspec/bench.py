@@ -22,7 +22,7 @@ import torch
 from balspec.errors import BalspecError
 from balspec.exits import validate_exits
 from balspec.prompts import Prompt, PromptSet
-from balspec.speculative import _sync, pass_costs
+from balspec.speculative import pass_costs, sync_device
 
 PEERS = ("hf", "hf-early-exit", "prompt-lookup")
 PEER_DRAFT_LEN = 4  # drafts per cycle for the peers when --draft-len gives no fixed number
@@ -227,11 +227,11 @@ def label(setting: Setting) -> str:
 def decode(bm, setting: Setting, prompt_ids: list[int], prompt: Prompt, opts: BenchOptions, seed: int) -> Run:
     if setting.mode == "peer":
         return decode_peer(bm, setting, prompt_ids, prompt, opts, seed)
-    _sync(bm.device)
+    sync_device(bm.device)
     t0 = time.perf_counter()
     out = bm.generate(prompt_ids, mode=setting.mode, exit=setting.exit, draft_len=setting.draft_len,
                       max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=seed, eos=opts.eos)
-    _sync(bm.device)
+    sync_device(bm.device)
     seconds = time.perf_counter() - t0
     s = out.stats
     return Run(prompt, list(out.token_ids), seconds, s.drafted, s.accepted, list(s.accepted_lengths))
@@ -261,11 +261,11 @@ def decode_peer(bm, setting: Setting, prompt_ids: list[int], prompt: Prompt, opt
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # assisted decoding warns about its own internal arguments
     try:
-        _sync(bm.device)
+        sync_device(bm.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = bm.model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config)
-        _sync(bm.device)
+        sync_device(bm.device)
         seconds = time.perf_counter() - t0
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -19,7 +19,7 @@ from balspec.errors import BalspecError
 from balspec.exits import Exits, load_exits
 from balspec.models import DEFAULT_ALIASES, default_device, load_model
 from balspec.sampling import Sampling, choose
-from balspec.speculative import AUTO_MAX_DRAFT, Cycle, Engine, _sync
+from balspec.speculative import AUTO_MAX_DRAFT, Cycle, Engine, sync_device
 
 MODES = ("full", "early-exit", "speculative")
 DEFAULT_EXITS_DIR = Path(__file__).parent / "default_exits"
@@ -162,7 +162,7 @@ class BalconyModel:
         engine = self.engine
         engine.reset(len(ids) + stopper.budget + AUTO_MAX_DRAFT + 2)
         prompt = torch.tensor([ids], device=self.device)  # [1, P]
-        _sync(self.device)
+        sync_device(self.device)
         t0 = time.perf_counter()
         first = choose(engine.prefill(prompt, mode, exit_layer), sampling, generator).item()
         done = stopper.add([first])
@@ -184,7 +184,7 @@ class BalconyModel:
             done = stopper.add(cycle.tokens)
             if on_cycle:
                 on_cycle(cycle.tokens, cycle.drafts[cycle.accepted:])
-        _sync(self.device)
+        sync_device(self.device)
         stats.seconds = time.perf_counter() - t0
 
     def _check_exit(self, mode: str, exit_layer: int | None) -> int | None:

@@ -201,16 +201,16 @@ def pass_costs(bm, prompt_ids: list[int], exit_layer: int, draft_len: int, repea
         for name, fn in (("full_step_s", full_step), ("draft_step_s", draft_step), ("verify_s", verify)):
             times = []
             for i in range(repeats + 2):
-                _sync(engine.device)
+                sync_device(engine.device)
                 t0 = time.perf_counter()
                 fn()
-                _sync(engine.device)
+                sync_device(engine.device)
                 times.append(time.perf_counter() - t0)
                 engine.cache.rollback(everything, start)
             costs[name] = sorted(times[2:])[len(times[2:]) // 2]  # median after two warm-up calls
     return costs
 
 
-def _sync(device) -> None:
+def sync_device(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
