@@ -41,6 +41,8 @@ def generate(
                                  "the chosen mode is full): report the speedup "
                                  "and whether the outputs are identical."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (text, token ids, stats)."),
+    full_draft_head: bool = typer.Option(False, "--full-draft-head", help="Draft with the full LM head even when the "
+                                         "exits store a reduced draft vocabulary (same output, slower drafts)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
 ) -> None:
@@ -63,7 +65,7 @@ def generate(
     from balspec import stream
     from balspec.generate import load
 
-    bm = load(model=model, exits=exits_path, dtype=dtype, device=device)
+    bm = load(model=model, exits=exits_path, dtype=dtype, device=device, draft_vocab=not full_draft_head)
     kwargs = dict(mode=mode, exit=exit_layer, draft_len=draft_len, max_new_tokens=max_new_tokens,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=not raw, stop=stop)
     streamer = None if as_json or stop else stream.TokenStreamer(bm.tokenizer, show_drafts)
@@ -191,6 +193,8 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON document instead of tables."),
     output: str | None = typer.Option(None, "--output", help="Also write the JSON document to this file."),
     plot: str | None = typer.Option(None, "--plot", help="Write a PNG of speedup and tau per exit (needs matplotlib)."),
+    full_draft_head: bool = typer.Option(False, "--full-draft-head", help="Draft with the full LM head even when the "
+                                         "exits store a reduced draft vocabulary (same output, slower drafts)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
 ) -> None:
@@ -230,7 +234,7 @@ def bench(
     if plot:
         report.require_matplotlib()
     prompt_set = load_prompts(prompts, num_prompts)
-    bm = load(model=model, exits=path, dtype=dtype, device=device)
+    bm = load(model=model, exits=path, dtype=dtype, device=device, draft_vocab=not full_draft_head)
     opts = bench_lib.BenchOptions(exits=chosen, draft_lens=draft_lens, max_new_tokens=max_new_tokens,
                                   temperature=temperature, warmup=warmup, seed=seed, peers=peer_names,
                                   eos=not ignore_eos)

@@ -43,6 +43,9 @@ class ExitsConfig:
     """Balcony layers start as a copy of the base's "last" decoder layer (paper) or "random"."""
     balcony_layers: int = 1
     """Decoder layers per balcony (the paper uses one)."""
+    init_from: str | None = None
+    """An exits checkpoint whose balconies start this run instead of the init above (continue training on new
+    data); it must hold every exit of `layers`, with the same balcony_layers, for the same base model."""
 
 
 @dataclass

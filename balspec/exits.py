@@ -25,6 +25,7 @@ NORM_INITS = ("final", "next-input")  # copy of the final norm, or of the input 
 LAYER_INITS = ("last", "random")  # copy of the base's last decoder layer (paper), or re-initialised
 WEIGHTS_FILE = "exits.safetensors"
 META_FILE = "balspec.json"
+DRAFT_VOCAB_KEY = "draft_vocab"  # int64 token ids in exits.safetensors: the reduced draft head's rows
 _FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "rope_theta",
                        "rope_parameters", "rms_norm_eps", "tie_word_embeddings", "hidden_act")
@@ -102,6 +103,7 @@ class Exits(nn.Module):
         self.norm_init = norm_init
         self.layer_init = layer_init
         self.balcony_layers = len(next(iter(balconies.values())).layers)
+        self.draft_vocab: torch.Tensor | None = None  # token ids of a reduced draft head, stored with the exits
 
     def __getitem__(self, exit_layer: int) -> Balcony:
         if exit_layer not in self.exits:
@@ -188,10 +190,12 @@ def base_model_info(model: nn.Module) -> dict:
 
 
 def save_exits(exits: Exits, model: nn.Module, path: str | Path, dtype: torch.dtype | None = None,
-               training: dict | None = None, defaults: dict | None = None) -> Path:
+               training: dict | None = None, defaults: dict | None = None,
+               draft_vocab_info: dict | None = None) -> Path:
     """Write `exits.safetensors` and `balspec.json` atomically (temp file + rename, JSON last).
 
-    `defaults` records the generation settings chosen by measurement (mode, exit, draft_len).
+    `defaults` records the generation settings chosen by measurement (mode, exit, draft_len);
+    `draft_vocab_info` describes `exits.draft_vocab` (how it was counted, its coverage).
     """
     from safetensors.torch import save_file
 
@@ -200,15 +204,20 @@ def save_exits(exits: Exits, model: nn.Module, path: str | Path, dtype: torch.dt
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in exits.state_dict().items()}
+    weights_dtype = next(iter(tensors.values())).dtype
+    if exits.draft_vocab is not None:
+        tensors[DRAFT_VOCAB_KEY] = exits.draft_vocab.detach().to("cpu", torch.int64).contiguous()
     weights_tmp = _temp_in(path, WEIGHTS_FILE)
     save_file(tensors, weights_tmp, metadata={"format": "pt"})
     meta = {"format_version": FORMAT_VERSION, "balspec_version": __version__,
             "base_model": base_model_info(model), "exits": exits.exits, "norm_init": exits.norm_init,
             "layer_init": exits.layer_init, "balcony_layers": exits.balcony_layers,
-            "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
+            "dtype": str(weights_dtype).replace("torch.", ""),
             "weights_sha256": sha256_file(weights_tmp), "training": training or {}}
     if defaults:
         meta["defaults"] = defaults
+    if exits.draft_vocab is not None:
+        meta["draft_vocab"] = {"size": int(exits.draft_vocab.numel()), **(draft_vocab_info or {})}
     os.replace(weights_tmp, path / WEIGHTS_FILE)
     _write_json_atomic(path / META_FILE, meta)
     return path
@@ -260,12 +269,50 @@ def load_exits(model: nn.Module, path: str | Path) -> tuple[Exits, dict]:
     exits = attach_exits(model, meta["exits"], meta.get("norm_init", "final"), "last",
                          meta.get("balcony_layers", 1))
     exits.layer_init = meta.get("layer_init", "last")
+    draft_vocab = tensors.pop(DRAFT_VOCAB_KEY, None)
+    if draft_vocab is not None:
+        vocab = model_parts(model).head.weight.shape[0]
+        if draft_vocab.dim() != 1 or draft_vocab.numel() == 0 or int(draft_vocab.min()) < 0 \
+                or int(draft_vocab.max()) >= vocab or draft_vocab.unique().numel() != draft_vocab.numel():
+            raise BalspecError(f"{path / WEIGHTS_FILE}: its draft vocabulary is not a list of distinct token ids "
+                               f"below {vocab}")
+        exits.draft_vocab = draft_vocab.long()
     missing, unexpected = exits.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise BalspecError(f"{path / WEIGHTS_FILE} does not match {META_FILE} "
                            f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
     exits.to(dtype=model_parts(model).head.weight.dtype).requires_grad_(False).eval()
     return exits, meta
+
+
+def frequent_tokens(sequences, vocab_size: int, size: int) -> tuple[torch.Tensor, float]:
+    """The `size` most frequent token ids in `sequences` (lists of ids), sorted, and the share of all
+    tokens they cover: a reduced draft vocabulary (`exits.draft_vocab`)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for seq in sequences:
+        counts += torch.bincount(torch.as_tensor(seq, dtype=torch.long), minlength=vocab_size)
+    if size >= vocab_size or counts.sum() == 0:
+        raise BalspecError(f"a draft vocabulary of {size} tokens needs a vocabulary larger than that "
+                           f"({vocab_size}) and some text to count")
+    top = counts.argsort(descending=True, stable=True)[:size]
+    return top.sort().values, counts[top].sum().item() / counts.sum().item()
+
+
+def init_exits_from(exits: Exits, model: nn.Module, path: str | Path) -> None:
+    """Copy the balconies of `exits` from the checkpoint at `path` (exits.init_from), keeping their dtype."""
+    source, meta = load_exits(model, path)
+    where = f"exits.init_from: {path}"
+    missing = [e for e in exits.exits if e not in source.exits]
+    if missing:
+        raise BalspecError(f"{where} has no exit {','.join(map(str, missing))} (it has "
+                           f"{','.join(map(str, source.exits))})")
+    if source.balcony_layers != exits.balcony_layers:
+        raise BalspecError(f"{where} has {source.balcony_layers}-layer balconies, this run "
+                           f"{exits.balcony_layers}-layer ones")
+    with torch.no_grad():
+        for e in exits.exits:
+            for target, value in zip(exits[e].state_dict().values(), source[e].state_dict().values()):
+                target.copy_(value)
 
 
 def _temp_in(directory: Path, name: str) -> str:

@@ -76,16 +76,18 @@ def default_exits_path(model_name: str | None) -> Path | None:
 
 
 def load(model: str | None = None, exits: str | Path | None = None, dtype: str = "float32",
-         device: str | None = None) -> "BalconyModel":
+         device: str | None = None, draft_vocab: bool = True) -> "BalconyModel":
     """Load a base model (default: the embedded SmolLM2-135M-Instruct) and an exits checkpoint.
 
     exits=None loads the shipped exits of the default model; other models run `full` mode only until
-    given an exits checkpoint (train one with `balspec train`).
+    given an exits checkpoint (train one with `balspec train`). draft_vocab=False drafts with the full
+    LM head even when the checkpoint stores a reduced draft vocabulary (the output is the same).
     """
     hf_model, tokenizer = load_model(model, dtype, device or default_device())
     path = Path(exits) if exits is not None else default_exits_path(model)
     exit_modules, meta = load_exits(hf_model, path) if path is not None else (None, None)
-    return BalconyModel(hf_model, tokenizer, exit_modules, meta)
+    vocab = exit_modules.draft_vocab if draft_vocab and exit_modules is not None else None
+    return BalconyModel(hf_model, tokenizer, exit_modules, meta, vocab)
 
 
 class BalconyModel:

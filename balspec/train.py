@@ -35,7 +35,7 @@ from balspec.config import (
 )
 from balspec.data import load_blocks
 from balspec.errors import BalspecError
-from balspec.exits import Exits, attach_exits, model_parts, read_meta, save_exits
+from balspec.exits import Exits, attach_exits, init_exits_from, model_parts, read_meta, save_exits
 from balspec.loss import Distiller, ExitLosses, next_token_labels, teacher_forward
 from balspec.models import load_model
 
@@ -107,6 +107,8 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
     parts = model_parts(model)
     exits = attach_exits(model, c.exits.layers, c.exits.norm_init, c.exits.layer_init, c.exits.balcony_layers,
                          seed=c.train.seed).float()  # fp32 master weights whatever the base dtype
+    if c.exits.init_from:
+        init_exits_from(exits, model, c.exits.init_from)
     blocks, eval_blocks = load_blocks(c.data, tokenizer, c.train.seed, accelerator.process_index,
                                       accelerator.num_processes)  # eval_blocks: all of them, [heldout, block]
 

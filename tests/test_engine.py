@@ -22,10 +22,10 @@ def sharp_model(num_layers=6, seed=0):
     return model
 
 
-def make_bm(model=None, exits=EXITS):
+def make_bm(model=None, exits=EXITS, draft_vocab=None):
     model = model or sharp_model()
     modules = attach_exits(model, exits).requires_grad_(False).eval()
-    return BalconyModel(model, tiny_tokenizer(), modules)
+    return BalconyModel(model, tiny_tokenizer(), modules, draft_vocab=draft_vocab)
 
 
 def identity_tail(model, first):

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from balspec.sampling import Sampling, accept_greedy, accept_sampling, probabilities
@@ -70,10 +71,12 @@ def test_rejection_sampling_preserves_target_distribution():
     assert stat < chi2_critical(df), (stat, counts / trials, p[0])
 
 
-def test_speculative_sampling_matches_full_model_distribution():
+@pytest.mark.parametrize("draft_vocab", [None, torch.arange(0, 259, 2)], ids=["full-draft-head", "reduced-vocab"])
+def test_speculative_sampling_matches_full_model_distribution(draft_vocab):
     """End to end on a tiny model under temperature and top-k: the first two tokens that draft-verify
-    cycles emit after the pending token follow the full model's joint distribution, computed exactly."""
-    bm = make_bm()
+    cycles emit after the pending token follow the full model's joint distribution, computed exactly.
+    With a reduced draft vocabulary q is zero on half the tokens: the residual must supply them."""
+    bm = make_bm(draft_vocab=draft_vocab)
     engine, e, k = bm.engine, 4, 3
     ids, pending, sampling = [40, 41, 42, 43], 44, Sampling(temperature=1.3, top_k=3)
     with torch.no_grad():

@@ -1,0 +1,64 @@
+"""A reduced draft vocabulary: drafts come from it, output stays exact, and it travels with the checkpoint."""
+
+import pytest
+import torch
+
+from balspec.errors import BalspecError
+from balspec.exits import attach_exits, frequent_tokens, load_exits, save_exits
+from balspec.sampling import Sampling
+from tests.test_engine import EXITS, make_bm, sharp_model
+
+EVEN = torch.arange(0, 259, 2)  # half of the tiny vocabulary: many of the full model's tokens are outside
+
+
+def test_greedy_output_is_exact_and_drafts_come_from_the_draft_vocabulary():
+    bm, reference = make_bm(draft_vocab=EVEN), make_bm()
+    ids = [5, 9, 14, 30, 31]
+    full = reference.generate(ids, mode="full", max_new_tokens=30, eos=False)
+    rejected = []
+    for exit_layer in EXITS:
+        for k in (1, 3, "auto"):
+            out = bm.generate(ids, mode="speculative", exit=exit_layer, draft_len=k, max_new_tokens=30, eos=False,
+                              on_cycle=lambda tokens, missed: rejected.extend(missed))
+            assert out.token_ids == full.token_ids, (exit_layer, k)
+    assert rejected and all(d % 2 == 0 for d in rejected)
+    assert any(t % 2 for t in full.token_ids)  # the full model does emit tokens the drafts cannot
+
+
+def test_draft_logits_are_the_full_heads_rows():
+    bm, reference = make_bm(draft_vocab=EVEN), make_bm()
+    normed = torch.randn(1, 1, bm.model.config.hidden_size)
+    with torch.no_grad():
+        assert torch.allclose(bm.engine.draft_logits(normed), reference.engine.draft_logits(normed)[EVEN], atol=1e-5)
+        token, q = bm.engine.pick_draft(bm.engine.draft_logits(normed), Sampling(temperature=1.0),
+                                        torch.Generator().manual_seed(0))
+    assert q.shape == (259,) and q[1::2].sum() == 0 and abs(q.sum().item() - 1) < 1e-5 and token.item() % 2 == 0
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = sharp_model()
+    exits = attach_exits(model, EXITS)
+    exits.draft_vocab = EVEN
+    save_exits(exits, model, tmp_path, draft_vocab_info={"coverage": 0.5})
+    loaded, meta = load_exits(model, tmp_path)
+    assert torch.equal(loaded.draft_vocab, EVEN)
+    assert meta["draft_vocab"] == {"size": len(EVEN), "coverage": 0.5}
+    exits.draft_vocab = None
+    save_exits(exits, model, tmp_path)
+    assert load_exits(model, tmp_path)[0].draft_vocab is None
+
+
+def test_bad_draft_vocabulary_in_a_checkpoint_is_refused(tmp_path):
+    model = sharp_model()
+    exits = attach_exits(model, EXITS)
+    exits.draft_vocab = torch.tensor([3, 3, 500])
+    save_exits(exits, model, tmp_path)
+    with pytest.raises(BalspecError, match="draft vocabulary"):
+        load_exits(model, tmp_path)
+
+
+def test_frequent_tokens_counts_and_covers():
+    ids, coverage = frequent_tokens([[5, 5, 5, 7, 7, 9], [5, 7, 11]], vocab_size=20, size=2)
+    assert ids.tolist() == [5, 7] and coverage == pytest.approx(7 / 9)
+    with pytest.raises(BalspecError):
+        frequent_tokens([[1, 2]], vocab_size=4, size=4)
