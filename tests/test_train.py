@@ -225,6 +225,19 @@ def test_save_then_load_gives_identical_exit_logits(trained):
     assert moved  # the checkpoint holds trained weights, not the initial copy
 
 
+def test_init_from_continues_from_a_checkpoint(trained, tmp_path):
+    output, seen = trained
+    model = seen["model"]
+    train(tiny_config(tmp_path / "next", f"exits.init_from={output}", "exits.layers=[4]", "train.max_steps=1",
+                      "optim.lr=1e-12", "train.eval_every=0"))
+    continued, _ = load_exits(model, tmp_path / "next")
+    source, _ = load_exits(model, output)
+    for a, b in zip(continued[4].parameters(), source[4].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(BalspecError, match="has no exit 3"):
+        train(tiny_config(tmp_path / "bad", f"exits.init_from={output}", "exits.layers=[3]", "train.max_steps=1"))
+
+
 def test_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
     sets = ["train.max_steps=6", "train.save_every=3", "train.log_every=1", "train.eval_every=0",
             "optim.grad_accum=2", "optim.batch_size=2"]
