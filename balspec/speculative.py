@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from balspec import skinny
 from balspec.cache import KVCache
 from balspec.exits import Exits, model_parts
 from balspec.sampling import Sampling, accept_greedy, accept_sampling, choose, probabilities
@@ -41,15 +42,14 @@ class Engine:
         weight = self.parts.head.weight.detach()
         self.device, self.dtype = weight.device, weight.dtype
         self.vocab_size = weight.shape[0]
-        # On the CPU a head over one to three positions is a matrix-vector product whose speed depends on the
-        # weight layout. Measured on 2 cores (49152 x 576, fp32): x @ W^T from a transposed copy 4.3 ms, the
-        # head's own F.linear 9.5 ms; from four positions on, F.linear's GEMM wins (15.5 vs 18.8 ms).
-        self.head_t = None
-        if self.device.type == "cpu" and getattr(self.parts.head, "bias", None) is None:
-            self.head_t = weight.T.contiguous()
+        # CPU: products over a few rows run as W @ x^T where this machine measures that faster (skinny.py)
+        trunk_weights = [m.weight for m in self.parts.layers.modules() if type(m) is torch.nn.Linear]
+        self.skinny = self.device.type == "cpu" and skinny.prefer_skinny(trunk_weights)
+        if self.skinny:
+            skinny.install([self.parts.layers, self.parts.head, *([exits] if exits is not None else [])])
         # a draft head over the most frequent tokens only: q is zero elsewhere, so exactness holds
         self.draft_vocab = draft_vocab.to(self.device, torch.long) if draft_vocab is not None else None
-        self.draft_weight_t = weight[self.draft_vocab].T.contiguous() if draft_vocab is not None else None
+        self.draft_weight = weight[self.draft_vocab].contiguous() if draft_vocab is not None else None
         self.cache: KVCache | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -95,20 +95,15 @@ class Engine:
         length = hidden.shape[1]
         return self.exits[exit_layer](hidden, self.rope(start, length), self.mask(start, length), self.cache)
 
-    def head(self, normed: torch.Tensor) -> torch.Tensor:
-        """The shared LM head on normed hidden states [1, q, hidden] -> [1, q, vocab]."""
-        if self.head_t is not None and normed.shape[1] <= 3:
-            return normed @ self.head_t
-        return self.parts.head(normed)
-
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(self.parts.norm(hidden))  # [1, q, vocab]
+        return self.parts.head(self.parts.norm(hidden))  # [1, q, vocab]
 
     def draft_logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Balcony output [1, 1, hidden] -> draft logits [vocab], or [draft_vocab] with a reduced head."""
         if self.draft_vocab is None:
-            return self.head(normed)[0, -1]
-        return normed[0, -1] @ self.draft_weight_t
+            return self.parts.head(normed)[0, -1]
+        linear = skinny.skinny_linear if self.skinny else torch.nn.functional.linear
+        return linear(normed[0, -1:], self.draft_weight)[0]
 
     def pick_draft(self, logits: torch.Tensor, sampling: Sampling,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -133,7 +128,7 @@ class Engine:
         exit_hidden = self.run_layers(hidden, 0, exit_layer, 0)
         normed = self.run_balcony(exit_layer, exit_hidden, 0)
         if mode == "early-exit":
-            return self.head(normed[:, -1:])[0]
+            return self.parts.head(normed[:, -1:])[0]
         return self.full_logits(self.run_layers(exit_hidden, exit_layer, self.num_layers, 0)[:, -1:])[0]
 
     def step(self, token: torch.Tensor, start: int, mode: str, exit_layer: int | None) -> torch.Tensor:
@@ -141,7 +136,7 @@ class Engine:
         if mode == "full":
             return self.full_logits(self.run_layers(self.embed(token), 0, self.num_layers, start))[0]
         normed = self.run_balcony(exit_layer, self.run_layers(self.embed(token), 0, exit_layer, start), start)
-        return self.head(normed)[0]
+        return self.parts.head(normed)[0]
 
     def cycle(self, token: torch.Tensor, start: int, exit_layer: int, draft_len: int, sampling: Sampling,
               generator: torch.Generator | None, adaptive: bool = False) -> Cycle:

@@ -42,7 +42,8 @@ TOPICS = ["photosynthesis", "the water cycle", "volcanoes", "the moon's phases",
           "the first moon landing", "composting", "exercise", "mountains", "the ocean", "trees", "robots"]
 
 TOPIC_TEMPLATES = ["Explain {t} in simple terms.", "Give me three interesting facts about {t}.",
-                   "Write a short paragraph about {t} for a school newsletter.", "What should a beginner know about {t}?",
+                   "Write a short paragraph about {t} for a school newsletter.",
+                   "What should a beginner know about {t}?",
                    "Why is {t} important? Answer in a few sentences.", "Write a short poem about {t}.",
                    "Describe {t} to a ten-year-old.", "List the pros and cons of {t}."]
 

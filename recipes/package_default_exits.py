@@ -1,9 +1,12 @@
 """Package a trained run as the exits shipped inside balspec (balspec/default_exits), in bf16.
 
 Records the generation defaults chosen by measurement (`balspec bench --json` output) next to the
-training summary, so `balspec.load()` and `balspec generate` start from the settings that won.
+training summary, so `balspec.load()` and `balspec generate` start from the settings that won, and stores
+a reduced draft vocabulary: the N most frequent tokens of the full model's own answers (exact: the full
+model still verifies over the whole vocabulary), with its coverage of held-out answers.
 
-    python recipes/package_default_exits.py runs/default-exits --bench evals/results/bench-builtin.json
+    python recipes/package_default_exits.py runs/self-exits --bench evals/results/bench_builtin_cpu.json \
+        --draft-vocab 8192 --vocab-data data/self/train.jsonl --vocab-heldout data/self/heldout.jsonl
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from balspec.exits import load_exits, save_exits
+from balspec.exits import frequent_tokens, load_exits, save_exits
 from balspec.generate import DEFAULT_EXITS_DIR
 from balspec.models import load_model
 
@@ -34,16 +37,52 @@ def choose_defaults(bench: dict) -> dict:
     return chosen
 
 
+def answer_tokens(tokenizer, path: str) -> list[list[int]]:
+    """Token ids of the assistant turns (or plain texts) of a jsonl file: what drafts must predict."""
+    out = []
+    for line in open(path, encoding="utf-8"):
+        record = json.loads(line)
+        texts = [m["content"] for m in record.get("messages", []) if m["role"] == "assistant"] or \
+            [record.get("text", "")]
+        out += [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts if t]
+    return out
+
+
+def draft_vocabulary(tokenizer, vocab_size: int, size: int, data: list[str], heldout: str) -> tuple:
+    ids, train_coverage = frequent_tokens([s for path in data for s in answer_tokens(tokenizer, path)],
+                                          vocab_size, size)
+    kept = set(ids.tolist())
+    held = [t for seq in answer_tokens(tokenizer, heldout) for t in seq]
+    info = {"counted_on": data, "train_coverage": round(train_coverage, 4), "heldout": heldout,
+            "heldout_coverage": round(sum(t in kept for t in held) / len(held), 4)}
+    return ids, info
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="exits checkpoint directory written by balspec train")
     parser.add_argument("--bench", help="balspec bench --json output used to choose the defaults")
     parser.add_argument("--output", default=str(DEFAULT_EXITS_DIR))
+    parser.add_argument("--draft-vocab", type=int, default=0, help="size of the reduced draft vocabulary (0: none)")
+    parser.add_argument("--vocab-data", nargs="+", default=[], help="jsonl files whose answers are counted")
+    parser.add_argument("--vocab-heldout", help="jsonl file of answers to measure the coverage on")
+    parser.add_argument("--stage", action="append", default=[], metavar="JSON",
+                        help="an earlier training stage to record (balspec.json of its run), repeatable")
     args = parser.parse_args()
-    model, _ = load_model()
+    model, tokenizer = load_model()
     exits, meta = load_exits(model, args.run)
     defaults = choose_defaults(json.loads(Path(args.bench).read_text())) if args.bench else None
-    save_exits(exits, model, args.output, dtype=torch.bfloat16, training=meta.get("training"), defaults=defaults)
+    info = None
+    if args.draft_vocab:
+        exits.draft_vocab, info = draft_vocabulary(tokenizer, model.config.vocab_size, args.draft_vocab,
+                                                   args.vocab_data, args.vocab_heldout)
+        print(f"draft vocabulary: {args.draft_vocab} tokens, {info['heldout_coverage']:.1%} of held-out answers")
+    training = meta.get("training") or {}
+    if args.stage:
+        training = {**training, "earlier_stages": [json.loads(Path(p).read_text()).get("training", {})
+                                                   for p in args.stage]}
+    save_exits(exits, model, args.output, dtype=torch.bfloat16, training=training, defaults=defaults,
+               draft_vocab_info=info)
     print(args.output)
 
 

@@ -1,11 +1,13 @@
-"""A reduced draft vocabulary: drafts come from it, output stays exact, and it travels with the checkpoint."""
+"""Reduced draft vocabulary (exact output, drafts from it, stored with the checkpoint); few-row CPU matmuls."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from balspec.errors import BalspecError
 from balspec.exits import attach_exits, frequent_tokens, load_exits, save_exits
 from balspec.sampling import Sampling
+from balspec.skinny import skinny_linear
 from tests.test_engine import EXITS, make_bm, sharp_model
 
 EVEN = torch.arange(0, 259, 2)  # half of the tiny vocabulary: many of the full model's tokens are outside
@@ -62,3 +64,27 @@ def test_frequent_tokens_counts_and_covers():
     assert ids.tolist() == [5, 7] and coverage == pytest.approx(7 / 9)
     with pytest.raises(BalspecError):
         frequent_tokens([[1, 2]], vocab_size=4, size=4)
+
+
+def test_skinny_linear_equals_linear():
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(48, 32, generator=generator), torch.randn(48, generator=generator)
+    for shape in [(1, 1, 32), (1, 2, 32), (1, 6, 32), (3, 32)]:
+        x = torch.randn(*shape, generator=generator)
+        assert torch.allclose(skinny_linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5)
+        assert torch.allclose(skinny_linear(x, weight), F.linear(x, weight), atol=1e-5)
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_engine_is_exact_with_either_matmul_form(forced, monkeypatch):
+    monkeypatch.setenv("BALSPEC_SKINNY_MATMUL", forced)
+    bm = make_bm(draft_vocab=EVEN)
+    assert bm.engine.skinny == (forced == "1")
+    assert any("forward" in m.__dict__ for m in bm.model.modules()) == (forced == "1")
+    full = bm.generate([5, 9, 14], mode="full", max_new_tokens=24, eos=False)
+    with torch.no_grad():
+        reference = bm.model(torch.tensor([[5, 9, 14]])).logits[0, -1].argmax().item()
+    assert full.token_ids[0] == reference
+    for k in (1, 4):
+        out = bm.generate([5, 9, 14], mode="speculative", exit=3, draft_len=k, max_new_tokens=24, eos=False)
+        assert out.token_ids == full.token_ids
