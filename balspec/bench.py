@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from balspec import skinny
 from balspec.errors import BalspecError
 from balspec.exits import validate_exits
 from balspec.prompts import Prompt, PromptSet
@@ -263,7 +264,7 @@ def decode_peer(bm, setting: Setting, prompt_ids: list[int], prompt: Prompt, opt
     try:
         sync_device(bm.device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), skinny.suspended(bm.model):
             out = bm.model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config)
         sync_device(bm.device)
         seconds = time.perf_counter() - t0
@@ -328,6 +329,7 @@ def describe(bm, prompt_set: PromptSet, opts: BenchOptions, command: str, exits_
             "model": getattr(bm.model.config, "_name_or_path", "") or type(bm.model).__name__,
             "exits_checkpoint": exits_checkpoint,
             "draft_vocab": None if bm.engine.draft_vocab is None else int(bm.engine.draft_vocab.numel()),
+            "skinny_matmul": bm.engine.skinny,
             "versions": {"balspec": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
             "prompts": {"source": prompt_set.source, "count": len(prompt_set.prompts),
                         "categories": prompt_set.categories},

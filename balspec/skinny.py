@@ -10,6 +10,7 @@ measured once per engine (`prefer_skinny`), not assumed: the fast form is instal
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import types
@@ -49,6 +50,18 @@ def install(modules: list[nn.Module]) -> int:
                 sub.forward = types.MethodType(_forward, sub)
                 count += 1
     return count
+
+
+@contextlib.contextmanager
+def suspended(module: nn.Module):
+    """Run stock nn.Linear inside `module` for a while: peers in `bench` must measure transformers as shipped."""
+    patched = [m for m in module.modules() if "forward" in m.__dict__ and type(m) is nn.Linear]
+    saved = [m.__dict__.pop("forward") for m in patched]
+    try:
+        yield
+    finally:
+        for m, forward in zip(patched, saved):
+            m.forward = forward
 
 
 def prefer_skinny(weights: list[torch.Tensor], repeats: int = 3) -> bool:

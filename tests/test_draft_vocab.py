@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from balspec.errors import BalspecError
 from balspec.exits import attach_exits, frequent_tokens, load_exits, save_exits
 from balspec.sampling import Sampling
+from balspec import skinny
 from balspec.skinny import skinny_linear
 from tests.test_engine import EXITS, make_bm, sharp_model
 
@@ -80,6 +81,9 @@ def test_engine_is_exact_with_either_matmul_form(forced, monkeypatch):
     monkeypatch.setenv("BALSPEC_SKINNY_MATMUL", forced)
     bm = make_bm(draft_vocab=EVEN)
     assert bm.engine.skinny == (forced == "1")
+    assert any("forward" in m.__dict__ for m in bm.model.modules()) == (forced == "1")
+    with skinny.suspended(bm.model):  # transformers as shipped, for the peers in bench
+        assert not any("forward" in m.__dict__ for m in bm.model.modules())
     assert any("forward" in m.__dict__ for m in bm.model.modules()) == (forced == "1")
     full = bm.generate([5, 9, 14], mode="full", max_new_tokens=24, eos=False)
     with torch.no_grad():
