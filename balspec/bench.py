@@ -40,6 +40,7 @@ class BenchOptions:
     peers: list[str] = field(default_factory=list)
     eos: bool = True  # False decodes exactly max_new_tokens per prompt
     cost_repeats: int = 10
+    early_exit: bool = True  # also time each exit's sub-model alone
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def settings(opts: BenchOptions) -> list[Setting]:
     """Baseline first, then speculative per exit and draft length, early-exit per exit, peers."""
     out = [Setting("full", "full")]
     out += [Setting("speculative", "speculative", e, k) for e in opts.exits for k in opts.draft_lens]
-    out += [Setting("early-exit", "early-exit", e) for e in opts.exits]
+    out += [Setting("early-exit", "early-exit", e) for e in opts.exits] if opts.early_exit else []
     k = peer_draft_len(opts)
     for peer in opts.peers:
         if peer == "hf":

@@ -188,6 +188,7 @@ def bench(
     warmup: int = typer.Option(1, "--warmup", help="Untimed runs of the first prompt per setting."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed; prompt i uses seed + i."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Decode exactly --max-new-tokens per prompt."),
+    no_early_exit: bool = typer.Option(False, "--no-early-exit", help="Skip the early-exit (sub-model alone) runs."),
     peers: str = typer.Option("", "--peers",
                               help="Also time transformers' generate(): hf,hf-early-exit,prompt-lookup."),
     as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON document instead of tables."),
@@ -237,7 +238,7 @@ def bench(
     bm = load(model=model, exits=path, dtype=dtype, device=device, draft_vocab=not full_draft_head)
     opts = bench_lib.BenchOptions(exits=chosen, draft_lens=draft_lens, max_new_tokens=max_new_tokens,
                                   temperature=temperature, warmup=warmup, seed=seed, peers=peer_names,
-                                  eos=not ignore_eos)
+                                  eos=not ignore_eos, early_exit=not no_early_exit)
     bench_lib.check_options(bm, opts)
     with report.progress_bar() as on_step:
         result = bench_lib.run_bench(bm, prompt_set, opts, command=shlex.join(["balspec", *sys.argv[1:]]),

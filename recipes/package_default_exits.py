@@ -6,7 +6,8 @@ a reduced draft vocabulary: the N most frequent tokens of the full model's own a
 model still verifies over the whole vocabulary), with its coverage of held-out answers.
 
     python recipes/package_default_exits.py runs/self-exits --bench evals/results/bench_builtin_cpu.json \
-        --draft-vocab 8192 --vocab-data data/self/train.jsonl --vocab-heldout data/self/heldout.jsonl
+        --draft-vocab 8192 --vocab-data data/self/train.jsonl=20 data/corpus/train.jsonl \
+        --vocab-heldout data/self/heldout.jsonl --stage data/stage1-exits/balspec.json
 """
 
 from __future__ import annotations
@@ -49,8 +50,12 @@ def answer_tokens(tokenizer, path: str) -> list[list[int]]:
 
 
 def draft_vocabulary(tokenizer, vocab_size: int, size: int, data: list[str], heldout: str) -> tuple:
-    ids, train_coverage = frequent_tokens([s for path in data for s in answer_tokens(tokenizer, path)],
-                                          vocab_size, size)
+    """`data` entries are PATH or PATH=WEIGHT (its counts multiplied: the model's own answers count most)."""
+    sequences = []
+    for entry in data:
+        path, _, weight = entry.partition("=")
+        sequences += answer_tokens(tokenizer, path) * int(weight or 1)
+    ids, train_coverage = frequent_tokens(sequences, vocab_size, size)
     kept = set(ids.tolist())
     held = [t for seq in answer_tokens(tokenizer, heldout) for t in seq]
     info = {"counted_on": data, "train_coverage": round(train_coverage, 4), "heldout": heldout,
@@ -64,7 +69,7 @@ def main() -> None:
     parser.add_argument("--bench", help="balspec bench --json output used to choose the defaults")
     parser.add_argument("--output", default=str(DEFAULT_EXITS_DIR))
     parser.add_argument("--draft-vocab", type=int, default=0, help="size of the reduced draft vocabulary (0: none)")
-    parser.add_argument("--vocab-data", nargs="+", default=[], help="jsonl files whose answers are counted")
+    parser.add_argument("--vocab-data", nargs="+", default=[], help="jsonl files whose answers are counted: PATH or PATH=WEIGHT")
     parser.add_argument("--vocab-heldout", help="jsonl file of answers to measure the coverage on")
     parser.add_argument("--stage", action="append", default=[], metavar="JSON",
                         help="an earlier training stage to record (balspec.json of its run), repeatable")

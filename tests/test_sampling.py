@@ -71,11 +71,13 @@ def test_rejection_sampling_preserves_target_distribution():
     assert stat < chi2_critical(df), (stat, counts / trials, p[0])
 
 
-@pytest.mark.parametrize("draft_vocab", [None, torch.arange(0, 259, 2)], ids=["full-draft-head", "reduced-vocab"])
-def test_speculative_sampling_matches_full_model_distribution(draft_vocab):
+@pytest.mark.parametrize("draft_vocab, adaptive", [(None, False), (torch.arange(0, 259, 2), False), (None, True)],
+                         ids=["full-draft-head", "reduced-vocab", "adaptive"])
+def test_speculative_sampling_matches_full_model_distribution(draft_vocab, adaptive):
     """End to end on a tiny model under temperature and top-k: the first two tokens that draft-verify
     cycles emit after the pending token follow the full model's joint distribution, computed exactly.
-    With a reduced draft vocabulary q is zero on half the tokens: the residual must supply them."""
+    With a reduced draft vocabulary q is zero on half the tokens: the residual must supply them. Adaptive
+    drafting drops unsure drafts (cycles with 0 to k drafts)."""
     bm = make_bm(draft_vocab=draft_vocab)
     engine, e, k = bm.engine, 4, 3
     ids, pending, sampling = [40, 41, 42, 43], 44, Sampling(temperature=1.3, top_k=3)
@@ -93,9 +95,9 @@ def test_speculative_sampling_matches_full_model_distribution(draft_vocab):
         engine.prefill(torch.tensor([ids]), "speculative", e)
         everything = range(len(engine.cache.lengths))
         for _ in range(3000):
-            emitted = engine.cycle(torch.tensor([[pending]]), start, e, k, sampling, gen).tokens
+            emitted = engine.cycle(torch.tensor([[pending]]), start, e, k, sampling, gen, adaptive).tokens
             if len(emitted) == 1:  # rejected at once: one more cycle from the emitted token
-                emitted += engine.cycle(torch.tensor([emitted]), start + 1, e, k, sampling, gen).tokens
+                emitted += engine.cycle(torch.tensor([emitted]), start + 1, e, k, sampling, gen, adaptive).tokens
             counts[emitted[0], emitted[1]] += 1
             engine.cache.rollback(everything, start)
     stat, df = chi2(counts.flatten(), exact.flatten())
