@@ -68,6 +68,9 @@ def generate(
     bm = load(model=model, exits=exits_path, dtype=dtype, device=device, draft_vocab=not full_draft_head)
     kwargs = dict(mode=mode, exit=exit_layer, draft_len=draft_len, max_new_tokens=max_new_tokens,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=not raw, stop=stop)
+    if compare:  # warm both modes up first, so neither timing includes one-time costs (allocation, kernels)
+        for warm_mode in {kwargs["mode"] or bm.defaults["mode"], "full", "speculative" if bm.exits else "full"}:
+            bm.generate(prompt, **{**kwargs, "mode": warm_mode, "max_new_tokens": 8})
     streamer = None if as_json or stop else stream.TokenStreamer(bm.tokenizer, show_drafts)
     out = bm.generate(prompt, on_cycle=streamer, **kwargs)
     if streamer is not None:

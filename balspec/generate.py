@@ -168,8 +168,11 @@ class BalconyModel:
         t0 = time.perf_counter()
         first = choose(engine.prefill(prompt, mode, exit_layer), sampling, generator).item()
         done = stopper.add([first])
+        callback_s = 0.0  # time spent in on_cycle (printing) is not decoding time
         if on_cycle:
+            t1 = time.perf_counter()
             on_cycle([first], [])
+            callback_s += time.perf_counter() - t1
         while not done:
             start = len(ids) + len(stopper.tokens) - 1  # position of the pending token
             pending = torch.tensor([[stopper.tokens[-1]]], device=self.device)
@@ -185,9 +188,11 @@ class BalconyModel:
                 cycle = Cycle(tokens=[token], drafts=[], accepted=0)
             done = stopper.add(cycle.tokens)
             if on_cycle:
+                t1 = time.perf_counter()
                 on_cycle(cycle.tokens, cycle.drafts[cycle.accepted:])
+                callback_s += time.perf_counter() - t1
         sync_device(self.device)
-        stats.seconds = time.perf_counter() - t0
+        stats.seconds = time.perf_counter() - t0 - callback_s
 
     def _check_exit(self, mode: str, exit_layer: int | None) -> int | None:
         if mode == "full":

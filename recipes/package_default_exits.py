@@ -23,11 +23,14 @@ from balspec.generate import DEFAULT_EXITS_DIR
 from balspec.models import load_model
 
 
+MIN_WIN = 1.05  # run-to-run noise on the shared 2-core CPU is about 5%: a smaller "win" is a tie
+
+
 def choose_defaults(bench: dict) -> dict:
-    """The fastest exact setting; `full` when no speculative setting beats the baseline."""
+    """The fastest exact setting; `full` unless a speculative setting beats the baseline by MIN_WIN."""
     exact = [r for r in bench["results"] if r["mode"] == "speculative" and r.get("greedy_mismatches") == 0]
     best = max(exact, key=lambda r: r["speedup"], default=None)
-    chosen = {"mode": "full"} if best is None or best["speedup"] <= 1.0 else \
+    chosen = {"mode": "full"} if best is None or best["speedup"] < MIN_WIN else \
         {"mode": "speculative", "exit": best["exit"], "draft_len": best["draft_len"]}
     if best is not None:  # the best exit stays the default exit for --mode speculative / early-exit
         chosen.setdefault("exit", best["exit"])

@@ -35,10 +35,13 @@ def test_speculative_equals_full_on_default_model(untrained, exit_layer, draft_l
 @pytest.mark.skipif(default_exits_path(DEFAULT_MODEL) is None, reason="no exits shipped yet")
 def test_shipped_exits_load_and_are_exact():
     bm = load()
-    assert bm.meta["base_model"]["name"] == DEFAULT_MODEL
+    assert bm.meta["base_model"]["name"] == DEFAULT_MODEL  # load() checked both fingerprints
     assert set(bm.exits) >= {8, 12, 16}
+    assert bm.engine.draft_vocab is not None and bm.meta["draft_vocab"]["size"] == len(bm.engine.draft_vocab)
     for prompt in PROMPTS:
         full = bm.generate(prompt, mode="full", max_new_tokens=32)
-        spec = bm.generate(prompt, mode="speculative", max_new_tokens=32)
-        assert spec.token_ids == full.token_ids
-        assert spec.stats.acceptance_rate is not None and spec.stats.acceptance_rate > 0
+        assert bm.generate(prompt, max_new_tokens=32).token_ids == full.token_ids  # the shipped defaults
+        for exit_layer, draft_len in ((8, 1), (16, "auto"), (24, 3)):
+            spec = bm.generate(prompt, mode="speculative", exit=exit_layer, draft_len=draft_len, max_new_tokens=32)
+            assert spec.token_ids == full.token_ids, (exit_layer, draft_len)
+        assert spec.stats.acceptance_rate > 0
