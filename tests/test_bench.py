@@ -53,7 +53,8 @@ def test_speculative_is_exact_and_counts_add_up(report):
     for r in spec:
         s = r.summary
         assert s.greedy_mismatches == 0
-        assert 0 <= s.acceptance_rate <= 1
+        # adaptive drafting may verify no draft at all on a tiny random model (every draft unsure): then None
+        assert (0 <= s.acceptance_rate <= 1) if s.acceptance_rate is not None else r.setting.draft_len == "auto"
         assert s.new_tokens == report.baseline.summary.new_tokens
         cycles = sum(s.accepted_hist)
         # tau counts the bonus token: emitted tokens = accepted drafts + one per cycle (+ the prefill token)
