@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--bench", help="balspec bench --json output used to choose the defaults")
     parser.add_argument("--output", default=str(DEFAULT_EXITS_DIR))
     parser.add_argument("--draft-vocab", type=int, default=0, help="size of the reduced draft vocabulary (0: none)")
-    parser.add_argument("--vocab-data", nargs="+", default=[], help="jsonl files whose answers are counted: PATH or PATH=WEIGHT")
+    parser.add_argument("--vocab-data", nargs="+", default=[],
+                        help="jsonl files whose answers are counted: PATH or PATH=WEIGHT")
     parser.add_argument("--vocab-heldout", help="jsonl file of answers to measure the coverage on")
     parser.add_argument("--stage", action="append", default=[], metavar="JSON",
                         help="an earlier training stage to record (balspec.json of its run), repeatable")
