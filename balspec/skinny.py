@@ -40,16 +40,13 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return skinny_linear(x, self.weight, self.bias)
 
 
-def install(modules: list[nn.Module]) -> int:
+def install(modules: list[nn.Module]) -> None:
     """Give every nn.Linear inside `modules` the few-rows forward above (an instance attribute, so the
-    class and every other model are untouched; state dicts do not change). Returns how many."""
-    count = 0
+    class and every other model are untouched; state dicts do not change)."""
     for module in modules:
         for sub in module.modules():
             if type(sub) is nn.Linear and "forward" not in sub.__dict__:
                 sub.forward = types.MethodType(_forward, sub)
-                count += 1
-    return count
 
 
 @contextlib.contextmanager
@@ -70,7 +67,7 @@ def prefer_skinny(weights: list[torch.Tensor], repeats: int = 3) -> bool:
     forced = os.environ.get("BALSPEC_SKINNY_MATMUL")
     if forced in ("0", "1"):
         return forced == "1"
-    if not weights or weights[0].device.type != "cpu":
+    if not weights:
         return False
     inputs = {(rows, w.shape[1]): torch.randn(rows, w.shape[1], dtype=w.dtype) for rows in (1, 4) for w in weights}
     totals = {F.linear: 0.0, skinny_linear: 0.0}

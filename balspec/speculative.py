@@ -50,6 +50,7 @@ class Engine:
         # a draft head over the most frequent tokens only: q is zero elsewhere, so exactness holds
         self.draft_vocab = draft_vocab.to(self.device, torch.long) if draft_vocab is not None else None
         self.draft_weight = weight[self.draft_vocab].contiguous() if draft_vocab is not None else None
+        self.draft_linear = skinny.skinny_linear if self.skinny else torch.nn.functional.linear
         self.cache: KVCache | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -102,8 +103,7 @@ class Engine:
         """Balcony output [1, 1, hidden] -> draft logits [vocab], or [draft_vocab] with a reduced head."""
         if self.draft_vocab is None:
             return self.parts.head(normed)[0, -1]
-        linear = skinny.skinny_linear if self.skinny else torch.nn.functional.linear
-        return linear(normed[0, -1:], self.draft_weight)[0]
+        return self.draft_linear(normed[0, -1:], self.draft_weight)[0]
 
     def pick_draft(self, logits: torch.Tensor, sampling: Sampling,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
