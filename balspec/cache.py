@@ -36,5 +36,12 @@ class KVCache:
             if self.lengths[slot] > length:
                 self.lengths[slot] = length
 
+    def move(self, slots: range, source: int, target: int) -> None:
+        """Copy the K/V at position `source` to position `target` in consecutive slots (an accepted tree row
+        takes the place of the draft it replaces)."""
+        index = slice(slots.start, slots.stop)
+        self.keys[index, :, :, target] = self.keys[index, :, :, source]
+        self.values[index, :, :, target] = self.values[index, :, :, source]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]

@@ -113,7 +113,8 @@ class BalconyModel:
         recorded = self.meta.get("defaults", {})
         middle = self.exits[len(self.exits) // 2] if self.exits else None
         return {"mode": recorded.get("mode", "speculative" if self.exits else "full"),
-                "exit": recorded.get("exit", middle), "draft_len": recorded.get("draft_len", 4)}
+                "exit": recorded.get("exit", middle), "draft_len": recorded.get("draft_len", 4),
+                "draft_width": recorded.get("draft_width", 1)}
 
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
         if not prompt or not prompt.strip():
@@ -125,12 +126,15 @@ class BalconyModel:
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
     def generate(self, prompt: str | list[int], mode: str | None = None, exit: int | None = None,
-                 draft_len: int | str | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
+                 draft_len: int | str | None = None, draft_width: int | None = None, max_new_tokens: int = 128,
+                 temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool = True,
                  stop: list[str] | None = None, eos: bool = True,
                  on_cycle: Callable[[list[int], list[int]], None] | None = None) -> GenerationOutput:
         """Generate from `prompt` (text, chat-formatted unless chat=False, or token ids).
 
+        draft_width > 1 (greedy only) also verifies the exit's 2nd..width-th choices for the first drafted
+        position in the same pass; None takes the recorded default when decoding greedily, else 1.
         on_cycle(tokens, rejected_drafts) is called as tokens are decided, for streaming.
         """
         mode = mode or self.defaults["mode"]
@@ -139,6 +143,7 @@ class BalconyModel:
         exit_layer = self._check_exit(mode, exit)
         k, adaptive = self._check_draft_len(mode, draft_len)
         sampling = Sampling(temperature, top_k, top_p)
+        width = self._check_draft_width(draft_width, sampling)
         if max_new_tokens < 1:
             raise BalspecError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
@@ -156,13 +161,13 @@ class BalconyModel:
                                 prompt_tokens=len(ids))
         stopper = _Stopper(self.tokenizer, self.eos_ids if eos else set(), stop or [], max_new_tokens)
         with torch.inference_mode():
-            self._decode(ids, mode, exit_layer, k, adaptive, sampling, generator, stats, stopper, on_cycle)
+            self._decode(ids, mode, exit_layer, k, adaptive, width, sampling, generator, stats, stopper, on_cycle)
         stats.new_tokens = len(stopper.tokens)
         return GenerationOutput(stopper.text(), stopper.tokens, stats, stopper.reason)
 
-    def _decode(self, ids, mode, exit_layer, k, adaptive, sampling, generator, stats, stopper, on_cycle):
+    def _decode(self, ids, mode, exit_layer, k, adaptive, width, sampling, generator, stats, stopper, on_cycle):
         engine = self.engine
-        engine.reset(len(ids) + stopper.budget + AUTO_MAX_DRAFT + 2)
+        engine.reset(len(ids) + stopper.budget + max(k, AUTO_MAX_DRAFT) + width + 1)
         prompt = torch.tensor([ids], device=self.device)  # [1, P]
         sync_device(self.device)
         t0 = time.perf_counter()
@@ -178,7 +183,7 @@ class BalconyModel:
             pending = torch.tensor([[stopper.tokens[-1]]], device=self.device)
             if mode == "speculative":
                 cycle = engine.cycle(pending, start, exit_layer, min(k, stopper.remaining - 1), sampling,
-                                     generator, adaptive)
+                                     generator, adaptive, width)
                 stats.cycles += 1
                 stats.drafted += len(cycle.drafts)
                 stats.accepted += cycle.accepted
@@ -214,6 +219,17 @@ class BalconyModel:
         if k < 1:
             raise BalspecError(f"--draft-len must be >= 1, got {k}")
         return k, False
+
+
+    def _check_draft_width(self, draft_width: int | None, sampling: Sampling) -> int:
+        if draft_width is None:
+            return self.defaults["draft_width"] if sampling.greedy else 1
+        if not isinstance(draft_width, int) or isinstance(draft_width, bool) or draft_width < 1:
+            raise BalspecError(f"--draft-width must be a whole number >= 1, got {draft_width!r}")
+        if draft_width > 1 and not sampling.greedy:
+            raise BalspecError("--draft-width > 1 needs greedy decoding (--temperature 0); "
+                               "sampling drafts a single chain")
+        return draft_width
 
 
 class _Stopper:

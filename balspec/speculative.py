@@ -15,6 +15,7 @@ import torch
 from balspec import skinny
 from balspec.cache import KVCache
 from balspec.exits import Exits, model_parts
+from balspec.layers import decoder_layer
 from balspec.sampling import Sampling, accept_greedy, accept_sampling, choose, probabilities
 
 AUTO_MAX_DRAFT = 8  # "auto" drafts until the draft is unsure, at most this many tokens
@@ -53,6 +54,7 @@ class Engine:
         self.draft_linear = skinny.skinny_linear if self.skinny else torch.nn.functional.linear
         self.cache: KVCache | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._trees: dict[tuple[int, int], DraftTree] = {}
 
     # -- storage -----------------------------------------------------------------------------------
     def reset(self, max_len: int) -> None:
@@ -67,34 +69,47 @@ class Engine:
             self._rope = self.parts.rotary(probe, positions)  # cos, sin: [1, max_len, head_dim]
         self.cache.rollback(range(len(self.cache.lengths)), 0)
 
-    def rope(self, start: int, length: int):
+    def rows(self, start: int, length: int, tree: DraftTree | None = None, first: int = 0) -> Rows:
+        """Rotary tables and mask for `length` new rows after `start` cached positions. Without a tree the rows
+        are consecutive tokens; with one they are rows first.. of the cycle's tree, whose root (the pending
+        token) sits at cache position `start`; each sees the cache before the root and its own ancestors."""
         cos, sin = self._rope
-        return cos[:, start:start + length], sin[:, start:start + length]
+        if tree is None:
+            rope = cos[:, start:start + length], sin[:, start:start + length]
+            if length == 1:
+                return Rows(rope, None)
+            allowed = torch.ones(length, start + length, dtype=torch.bool, device=self.device).tril(start)
+            return Rows(rope, allowed[None, None])  # [1, 1, length, start + length]
+        positions = tree.depth[first:first + length] + start
+        before = torch.ones(length, start, dtype=torch.bool, device=self.device)
+        allowed = torch.cat([before, tree.allowed[first:first + length, :first + length]], 1)
+        return Rows((cos[:, positions], sin[:, positions]), allowed[None, None])
 
-    def mask(self, start: int, length: int) -> torch.Tensor | None:
-        """Causal mask with an offset for `length` new tokens after `start` cached ones; None for one token."""
-        if length == 1:
-            return None
-        allowed = torch.ones(length, start + length, dtype=torch.bool, device=self.device).tril(start)
-        return allowed[None, None]  # [1, 1, length, start + length]
+    def draft_tree(self, k: int, width: int) -> DraftTree:
+        key = (k, width)
+        if key not in self._trees:
+            self._trees[key] = DraftTree.build(k, width, self.device)
+        return self._trees[key]
 
     # -- passes --------------------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.parts.embed(tokens)  # [1, q] -> [1, q, hidden]
 
-    def run_layers(self, hidden: torch.Tensor, first: int, last: int, start: int) -> torch.Tensor:
-        """Trunk layers first+1..last (1-based, as in the paper) over hidden states at positions start.."""
-        length = hidden.shape[1]
-        rope, mask = self.rope(start, length), self.mask(start, length)
+    def run_layers(self, hidden: torch.Tensor, first: int, last: int, start: int, rows: Rows | None = None
+                   ) -> torch.Tensor:
+        """Trunk layers first+1..last (1-based, as in the paper) over hidden states at positions start..
+        (or over the tree rows `rows` describes)."""
+        rows = rows or self.rows(start, hidden.shape[1])
         for layer in self.parts.layers[first:last]:
-            out = layer(hidden, attention_mask=mask, past_key_values=self.cache, position_embeddings=rope)
-            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = decoder_layer(layer, hidden, rows.rope, rows.mask, self.cache)
         return hidden
 
     def run_balcony(self, exit_layer: int, hidden: torch.Tensor, start: int) -> torch.Tensor:
         """Balcony layers and norm of one exit on its trunk hidden states (appends the balcony's KV)."""
-        length = hidden.shape[1]
-        return self.exits[exit_layer](hidden, self.rope(start, length), self.mask(start, length), self.cache)
+        balcony, rows = self.exits[exit_layer], self.rows(start, hidden.shape[1])
+        for layer in balcony.layers:
+            hidden = decoder_layer(layer, hidden, rows.rope, rows.mask, self.cache)
+        return balcony.norm(hidden)
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.parts.head(self.parts.norm(hidden))  # [1, q, vocab]
@@ -119,6 +134,11 @@ class Engine:
             q = torch.zeros(self.vocab_size, device=self.device, dtype=q.dtype).index_copy_(0, self.draft_vocab, q)
         return self.draft_vocab[index], q
 
+    def alternatives(self, logits: torch.Tensor, width: int) -> torch.Tensor:
+        """The draft's 2nd..width-th most likely tokens [width - 1] (greedy drafting only)."""
+        index = logits.topk(width, sorted=True).indices[1:]
+        return self.draft_vocab[index] if self.draft_vocab is not None else index
+
     # -- the three modes -------------------------------------------------------------------------------
     def prefill(self, prompt: torch.Tensor, mode: str, exit_layer: int | None) -> torch.Tensor:
         """Run the prompt [1, P] through every layer the mode uses; return the logits of its last position."""
@@ -139,59 +159,131 @@ class Engine:
         return self.parts.head(normed)[0]
 
     def cycle(self, token: torch.Tensor, start: int, exit_layer: int, draft_len: int, sampling: Sampling,
-              generator: torch.Generator | None, adaptive: bool = False) -> Cycle:
-        """One draft-verify cycle. `token` [1, 1] is the pending token t at position `start`."""
+              generator: torch.Generator | None, adaptive: bool = False, width: int = 1) -> Cycle:
+        """One draft-verify cycle. `token` [1, 1] is the pending token t at position `start`.
+
+        width > 1 (greedy only): the draft's 2nd..width-th choices for the first position are verified beside
+        the chain, as siblings of d_1 (a tree). Extra rows in one pass cost little; on this project's CPU a
+        verify of up to four rows costs about one row's time.
+        """
         e, n_layers = exit_layer, self.num_layers
         exit_hidden, drafts, q_rows = [], [], []
-        x, unsure = token, False
+        x, dropped, siblings = token, False, None
         # 1. Draft: layers 1..e on t, d_1, .., d_{k-1} (their KV stays), then balcony_e, norm_e, head.
-        #    Adaptive: a draft the exit is unsure of is dropped, not verified (the choice depends on q alone,
-        #    so exactness holds); its input already ran layers 1..e and the balcony. k may be 0.
+        #    Adaptive: a draft the exit is unsure of ends the chain. Without siblings it is dropped, not
+        #    verified (the choice depends on q alone, so exactness holds; its input already ran layers 1..e
+        #    and the balcony; k may be 0). With siblings it is kept: it rides in their verify rows.
         for i in range(draft_len):
             h = self.run_layers(self.embed(x), 0, e, start + i)
             exit_hidden.append(h)
             logits = self.draft_logits(self.run_balcony(e, h, start + i))
             d, q = self.pick_draft(logits, sampling, generator)
-            if adaptive and _top_probability(logits, q) < AUTO_MIN_CONFIDENCE:
-                unsure = True
+            if i == 0 and width > 1:
+                siblings = self.alternatives(logits, width)
+            sure = not adaptive or _top_probability(logits, q) >= AUTO_MIN_CONFIDENCE
+            if not sure and siblings is None:
+                dropped = True
                 break
             drafts.append(d)
             q_rows.append(q)
             x = d.view(1, 1)
+            if not sure:
+                break
         k = len(drafts)
-        # 2. Verify: layers 1..e on d_k alone, then layers e+1..N on all k + 1 exit hidden states at once.
-        if not unsure:
-            exit_hidden.append(self.run_layers(self.embed(x), 0, e, start + k))
-        p_logits = self.full_logits(self.run_layers(torch.cat(exit_hidden, 1), e, n_layers, start))[0]  # [k + 1, vocab]
-        # 3. Accept: p_i scores d_i; p_{k+1} gives the bonus token.
+        # 2. Verify: layers 1..e on d_k (unless it ran as the input of a dropped draft) and on the siblings,
+        #    then layers e+1..N on every row at once. Rows, in cache order: t, d_1..d_k, siblings.
+        tree = self.draft_tree(k, width if siblings is not None else 1)
+        first = len(exit_hidden)  # the first row whose layers 1..e have not run yet
+        if first < tree.size:
+            pending = ([] if dropped else [x]) + ([siblings.view(1, -1)] if siblings is not None else [])
+            rows = self.rows(start, tree.size - first, tree, first)
+            exit_hidden.append(self.run_layers(self.embed(torch.cat(pending, 1)), 0, e, start + first, rows))
+        rows = self.rows(start, tree.size, tree)
+        p_logits = self.full_logits(self.run_layers(torch.cat(exit_hidden, 1), e, n_layers, start, rows))[0]
+        # 3. Accept: p_i scores d_i; p_{k+1} gives the bonus token. A rejected d_1 may be replaced by the
+        #    sibling the full model chose, whose own row then gives the bonus token.
+        sibling = None
         if sampling.greedy:
-            host = torch.cat([*drafts, p_logits.argmax(-1)]).tolist()  # the cycle's one host sync
-            drafted = host[:k]
-            n, next_token = accept_greedy(drafted, host[k:])
+            chosen = p_logits.argmax(-1)  # [rows]
+            host = torch.cat([*drafts, *([siblings] if siblings is not None else []), chosen]).tolist()  # one sync
+            drafted, others, targets = host[:k], host[k:tree.size - 1], host[tree.size - 1:]
+            n, next_token = accept_greedy(drafted, targets)
+            if n == 0 and targets[0] in others:
+                sibling = 1 + k + others.index(targets[0])  # its row
+                drafted, n, next_token = [targets[0], *drafted[1:]], 1, targets[sibling]
         elif k:
             n, next_token, drafted = accept_sampling(torch.cat(drafts), probabilities(p_logits, sampling),
                                                      torch.stack(q_rows), generator)
         else:
             n, next_token, drafted = 0, choose(p_logits, sampling, generator).item(), []
-        # 4. Roll back every store to t plus the n accepted drafts.
+        # 4. Roll back every store to t plus the n accepted drafts; an accepted sibling's K/V first move into
+        #    the place of d_1.
+        balcony_slots = self.exits.cache_slots(e)
+        if sibling is not None:
+            self.cache.move(self.trunk_slots, start + sibling, start + 1)
         self.cache.rollback(self.trunk_slots, start + n + 1)
-        self.cache.rollback(self.exits.cache_slots(e), start + n + 1)
-        # 5. All k accepted: the balcony has no KV for d_k yet (unless the dropped draft ran it); h_e is at hand.
-        if n == k and not unsure:
-            self.run_balcony(e, exit_hidden[k], start + k)
+        self.cache.rollback(balcony_slots, start + n + 1)
+        # 5. The balcony has no KV for the last accepted token when it is d_k (unless a dropped draft ran it)
+        #    or a sibling; its h_e is at hand from step 2.
+        last = None
+        if sibling is not None:
+            last = exit_hidden[-1][:, sibling - first:sibling - first + 1]
+        elif n == k and not dropped:
+            last = exit_hidden[k][:, :1]
+        if last is not None:
+            self.cache.rollback(balcony_slots, start + n)
+            self.run_balcony(e, last, start + n)
         return Cycle(tokens=drafted[:n] + [next_token], drafts=drafted, accepted=n)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """What a pass over new rows needs besides their hidden states."""
+
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [1, rows, head_dim] at the rows' positions
+    mask: torch.Tensor | None  # bool [1, 1, rows, cached + rows]; None: each row sees everything cached
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """One cycle's rows in cache order: the pending token t, the chain d_1..d_k, then width - 1 siblings
+    of d_1 (other candidates for the first position). A row sees its ancestors and itself."""
+
+    k: int
+    width: int
+    depth: torch.Tensor  # [rows] position offset from t
+    allowed: torch.Tensor  # bool [rows, rows]: allowed[i, j] when row j is row i or one of its ancestors
+
+    @property
+    def size(self) -> int:
+        return 1 + self.k + self.width - 1
+
+    @staticmethod
+    def build(k: int, width: int, device) -> "DraftTree":
+        parents = [-1] + list(range(k)) + [0] * (width - 1)  # d_i's parent is row i - 1; siblings hang off t
+        depth = [0] + list(range(1, k + 1)) + [1] * (width - 1)
+        allowed = torch.zeros(len(parents), len(parents), dtype=torch.bool)
+        for row in range(len(parents)):
+            node = row
+            while node >= 0:
+                allowed[row, node] = True
+                node = parents[node]
+        return DraftTree(k, width, torch.tensor(depth, device=device), allowed.to(device))
+
 
 def _top_probability(logits: torch.Tensor, q: torch.Tensor | None) -> float:
     """The draft's confidence, for adaptive drafting (one host sync per draft token)."""
     return (q if q is not None else logits.float().softmax(-1)).max().item()
 
 
-def pass_costs(bm, prompt_ids: list[int], exit_layer: int, draft_len: int, repeats: int = 10) -> dict:
-    """Measured seconds of one full decode step, one draft step and one verify of k + 1 tokens."""
+def pass_costs(bm, prompt_ids: list[int], exit_layer: int, draft_len: int, width: int = 1,
+               repeats: int = 10) -> dict:
+    """Measured seconds of one full decode step, one draft step and one verify of k + width rows (layers 1..e
+    on the width rows not yet run, layers e+1..N on all)."""
     engine = bm.engine
     prompt = torch.tensor([prompt_ids], device=engine.device)
     start = len(prompt_ids)
-    engine.reset(start + draft_len + 2)
+    engine.reset(start + 2 * (draft_len + width))
     with torch.inference_mode():
         engine.prefill(prompt, "speculative", exit_layer)
         token = prompt[:, -1:]
@@ -205,8 +297,8 @@ def pass_costs(bm, prompt_ids: list[int], exit_layer: int, draft_len: int, repea
             engine.pick_draft(engine.draft_logits(engine.run_balcony(exit_layer, h, start)), Sampling())
 
         def verify():
-            h = engine.run_layers(engine.embed(token), 0, exit_layer, start)
-            hidden = h.expand(1, draft_len + 1, h.shape[-1])  # stands in for the k + 1 buffered exit states
+            h = engine.run_layers(engine.embed(token.expand(1, width)), 0, exit_layer, start)
+            hidden = h[:, :1].expand(1, draft_len + width, h.shape[-1])  # stands in for the buffered exit states
             engine.full_logits(engine.run_layers(hidden, exit_layer, engine.num_layers, start)).argmax(-1).tolist()
 
         costs = {}

@@ -55,6 +55,68 @@ def test_speculative_greedy_equals_full(bm, prompt_len, draft_lens):
             assert sum(out.stats.accepted_lengths) == out.stats.accepted
 
 
+@pytest.mark.parametrize("draft_len, width", [(1, 2), (1, 4), (3, 3), ("auto", 2), ("auto", 5)])
+def test_speculative_greedy_with_siblings_equals_full(bm, draft_len, width):
+    for prompt_len in (1, 9):
+        ids = [(5 * i + 17) % 250 + 3 for i in range(prompt_len)]
+        full = bm.generate(ids, mode="full", max_new_tokens=30, eos=False)
+        for exit_layer in EXITS:
+            out = bm.generate(ids, mode="speculative", exit=exit_layer, draft_len=draft_len, draft_width=width,
+                              max_new_tokens=30, eos=False)
+            assert out.token_ids == full.token_ids, (exit_layer, draft_len, width, prompt_len)
+
+
+@pytest.mark.parametrize("draft_len", [1, 3])
+def test_a_sibling_the_full_model_chose_is_accepted(draft_len, monkeypatch):
+    """The first draft is always wrong and the right token is always among the siblings: every cycle must
+    accept that sibling (its K/V moved into place, the balcony run on it), and the output stays exact."""
+    bm = make_bm()
+    ids = list(range(40, 47))
+    seq = ids + bm.generate(ids, mode="full", max_new_tokens=25, eos=False).token_ids
+    engine, vocab = bm.engine, bm.engine.vocab_size
+    real_cycle, at = engine.cycle, {}
+
+    def cycle(token, start, *args, **kwargs):
+        at["start"] = start
+        return real_cycle(token, start, *args, **kwargs)
+
+    def pick_draft(logits, sampling, generator=None):
+        return torch.tensor([(seq[at["start"] + 1] + 1) % vocab]), None  # never the full model's token
+
+    def alternatives(logits, width):
+        right = seq[at["start"] + 1]
+        return torch.tensor([(right + 2) % vocab, right])[-(width - 1):]
+
+    monkeypatch.setattr(engine, "cycle", cycle)
+    monkeypatch.setattr(engine, "pick_draft", pick_draft)
+    monkeypatch.setattr(engine, "alternatives", alternatives)
+    for width in (2, 3):
+        out = bm.generate(ids, mode="speculative", exit=3, draft_len=draft_len, draft_width=width,
+                          max_new_tokens=25, eos=False)
+        assert out.token_ids == seq[len(ids):]
+        assert out.stats.accepted_lengths == [1] * out.stats.cycles  # the sibling, every cycle
+    # every store holds exactly what one pass over the emitted tokens writes (the last one is pending)
+    cached, slots = engine.cache.lengths[0], [*range(6), *bm.exit_modules.cache_slots(3)]
+    assert cached == len(ids) + 24 and all(engine.cache.lengths[s] == cached for s in slots)
+    keys = engine.cache.keys[slots, :, :, :cached].clone()
+    engine.reset(64)
+    with torch.inference_mode():
+        engine.prefill(torch.tensor([seq[:cached]]), "speculative", 3)
+    torch.testing.assert_close(keys, engine.cache.keys[slots, :, :, :cached], atol=1e-4, rtol=1e-4)
+
+
+def test_tree_rows_see_only_their_ancestors():
+    from balspec.speculative import DraftTree
+
+    tree = DraftTree.build(k=2, width=3, device="cpu")  # rows: t, d_1, d_2, s_1, s_2
+    assert tree.size == 5 and tree.depth.tolist() == [0, 1, 2, 1, 1]
+    assert tree.allowed.int().tolist() == [[1, 0, 0, 0, 0],
+                                           [1, 1, 0, 0, 0],
+                                           [1, 1, 1, 0, 0],
+                                           [1, 0, 0, 1, 0],
+                                           [1, 0, 0, 0, 1]]
+
+
 def test_some_drafts_accepted_and_some_rejected(bm):
     out = bm.generate(list(range(10, 20)), mode="speculative", exit=4, draft_len=3, max_new_tokens=40, eos=False)
     assert 0 < out.stats.accepted < out.stats.drafted
@@ -117,9 +179,10 @@ def test_early_exit_never_runs_deeper_layers(bm):
 
 
 def count_layer_calls(bm):
+    """Passes through each trunk layer (the engine runs a layer's modules, not its forward: count its q_proj)."""
     calls = [0] * len(bm.model.model.layers)
     for i, layer in enumerate(bm.model.model.layers):
-        layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        layer.self_attn.q_proj.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     return calls
 
 
@@ -194,6 +257,8 @@ def test_stop_string_inside_drafts(bm):
     ({"mode": "full", "temperature": 1.0, "top_p": 0.0}, "--top-p must lie in (0, 1]"),
     ({"mode": "full", "temperature": 1.0, "top_p": 1.5}, "--top-p must lie in (0, 1]"),
     ({"mode": "fastest"}, "unknown mode"),
+    ({"mode": "speculative", "exit": 3, "draft_width": 0}, "--draft-width must be a whole number >= 1"),
+    ({"mode": "speculative", "exit": 3, "draft_width": 3, "temperature": 0.7}, "needs greedy decoding"),
     ({"mode": "full", "max_new_tokens": 2000}, "exceeds the model's context"),
 ])
 def test_bad_input_is_one_clear_error(bm, kwargs, message):
