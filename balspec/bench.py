@@ -33,6 +33,7 @@ PEER_DRAFT_LEN = 4  # drafts per cycle for the peers when --draft-len gives no f
 class BenchOptions:
     exits: list[int]
     draft_lens: list[int | str]  # whole numbers >= 1 or "auto"
+    draft_widths: list[int] = field(default_factory=lambda: [1])  # > 1: siblings of the first draft (greedy)
     max_new_tokens: int = 128
     temperature: float = 0.0
     warmup: int = 1  # untimed runs of the first prompt per setting (kernel choice, allocator, caches)
@@ -51,6 +52,7 @@ class Setting:
     name: str
     exit: int | None = None
     draft_len: int | str | None = None
+    draft_width: int = 1
 
 
 @dataclass
@@ -85,6 +87,7 @@ class CostModel:
     """DESIGN.md 3: T = k * c_draft + c_verify(k + 1); bound = tau * c_full / T."""
 
     draft_len: float  # mean drafts per cycle (equals k unless k is "auto" or cut by the budget)
+    draft_width: int
     full_step_s: float
     draft_step_s: float
     verify_s: float
@@ -128,6 +131,19 @@ def parse_draft_lens(text: str) -> list[int | str]:
     return out
 
 
+def parse_draft_widths(text: str, temperature: float = 0.0) -> list[int]:
+    """`1` or `1,3` -> [1, 3]; widths above 1 verify siblings of the first draft, which needs greedy decoding."""
+    try:
+        out = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise BalspecError(f"--draft-width: expected whole numbers >= 1 like 1,3, got {text!r}") from None
+    if not out or min(out) < 1 or len(set(out)) != len(out):
+        raise BalspecError(f"--draft-width: expected distinct whole numbers >= 1 like 1,3, got {text!r}")
+    if max(out) > 1 and temperature > 0:
+        raise BalspecError("--draft-width > 1 needs greedy decoding (--temperature 0)")
+    return out
+
+
 def parse_peers(text: str | None) -> list[str]:
     peers = [p.strip() for p in (text or "").split(",") if p.strip()]
     bad = [p for p in peers if p not in PEERS]
@@ -160,7 +176,8 @@ def check_options(bm, opts: BenchOptions) -> None:
 def settings(opts: BenchOptions) -> list[Setting]:
     """Baseline first, then speculative per exit and draft length, early-exit per exit, peers."""
     out = [Setting("full", "full")]
-    out += [Setting("speculative", "speculative", e, k) for e in opts.exits for k in opts.draft_lens]
+    out += [Setting("speculative", "speculative", e, k, w) for e in opts.exits for k in opts.draft_lens
+            for w in opts.draft_widths]
     out += [Setting("early-exit", "early-exit", e) for e in opts.exits] if opts.early_exit else []
     k = peer_draft_len(opts)
     for peer in opts.peers:
@@ -223,6 +240,8 @@ def label(setting: Setting) -> str:
         parts.append(f"e{setting.exit}")
     if setting.draft_len is not None:
         parts.append(f"k{setting.draft_len}")
+    if setting.draft_width > 1:
+        parts.append(f"w{setting.draft_width}")
     return " ".join(parts)
 
 
@@ -231,8 +250,9 @@ def decode(bm, setting: Setting, prompt_ids: list[int], prompt: Prompt, opts: Be
         return decode_peer(bm, setting, prompt_ids, prompt, opts, seed)
     sync_device(bm.device)
     t0 = time.perf_counter()
+    width = setting.draft_width if setting.mode == "speculative" else None
     out = bm.generate(prompt_ids, mode=setting.mode, exit=setting.exit, draft_len=setting.draft_len,
-                      max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=seed, eos=opts.eos)
+                      draft_width=width, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=seed, eos=opts.eos)
     sync_device(bm.device)
     seconds = time.perf_counter() - t0
     s = out.stats
@@ -313,12 +333,12 @@ def model_costs(bm, prompt_ids: list[int], setting: Setting, summary: Summary, r
         return None
     k_mean = sum(r.drafted for r in runs) / cycles
     k = max(1, round(k_mean))
-    costs = pass_costs(bm, prompt_ids, setting.exit, k, repeats=opts.cost_repeats)
+    costs = pass_costs(bm, prompt_ids, setting.exit, k, setting.draft_width, repeats=opts.cost_repeats)
     cycle_s = k_mean * costs["draft_step_s"] + costs["verify_s"]
     bound = summary.mean_accepted_length * costs["full_step_s"] / cycle_s
     efficiency = summary.speedup / bound if summary.speedup is not None else math.nan
-    return CostModel(k_mean, costs["full_step_s"], costs["draft_step_s"], costs["verify_s"], cycle_s, bound,
-                     efficiency)
+    return CostModel(k_mean, setting.draft_width, costs["full_step_s"], costs["draft_step_s"], costs["verify_s"],
+                     cycle_s, bound, efficiency)
 
 
 def describe(bm, prompt_set: PromptSet, opts: BenchOptions, command: str, exits_checkpoint: str | None) -> dict:
@@ -334,7 +354,8 @@ def describe(bm, prompt_set: PromptSet, opts: BenchOptions, command: str, exits_
             "versions": {"balspec": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
             "prompts": {"source": prompt_set.source, "count": len(prompt_set.prompts),
                         "categories": prompt_set.categories},
-            "exits": opts.exits, "draft_lens": opts.draft_lens, "max_new_tokens": opts.max_new_tokens,
+            "exits": opts.exits, "draft_lens": opts.draft_lens, "draft_widths": opts.draft_widths,
+            "max_new_tokens": opts.max_new_tokens,
             "temperature": opts.temperature, "seed": opts.seed, "warmup": opts.warmup, "eos": opts.eos,
             "peer_draft_len": peer_draft_len(opts) if opts.peers else None, "command": command}
 

@@ -23,6 +23,8 @@ def generate(
     exit_layer: int | None = typer.Option(None, "--exit", help="Exit layer to draft with (or to stop at in early-exit)."),
     draft_len: str | None = typer.Option(None, "--draft-len", help="Draft tokens per cycle, or 'auto' "
                                          "(stop drafting when the draft is unsure)."),
+    draft_width: int | None = typer.Option(None, "--draft-width", help="Greedy only: also verify the exit's "
+                                           "2nd..Nth choices for the first drafted token, in the same pass."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy; > 0 samples (exactly the full model's "
                                       "distribution in speculative mode)."),
@@ -56,6 +58,8 @@ def generate(
 
         balspec generate "Write a haiku about rain." --mode speculative --exit 12 --draft-len 4 --show-drafts
 
+        balspec generate "Name three rivers." --mode speculative --exit 8 --draft-len auto --draft-width 3
+
         balspec generate "Tell me a story." --temperature 0.8 --top-p 0.95 --seed 0 --json
 
         balspec generate "Summarise: ..." --mode early-exit --exit 16 --compare
@@ -66,7 +70,8 @@ def generate(
     from balspec.generate import load
 
     bm = load(model=model, exits=exits_path, dtype=dtype, device=device, draft_vocab=not full_draft_head)
-    kwargs = dict(mode=mode, exit=exit_layer, draft_len=draft_len, max_new_tokens=max_new_tokens,
+    kwargs = dict(mode=mode, exit=exit_layer, draft_len=draft_len, draft_width=draft_width,
+                  max_new_tokens=max_new_tokens,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=not raw, stop=stop)
     if compare:  # warm both modes up first, so neither timing includes one-time costs (allocation, kernels)
         for warm_mode in {kwargs["mode"] or bm.defaults["mode"], "full", "speculative" if bm.exits else "full"}:
@@ -181,6 +186,8 @@ def bench(
     exits_path: str | None = typer.Option(None, "--exits-path", help="Exits checkpoint directory "
                                           "(default: the exits shipped for --model)."),
     draft_len: str = typer.Option("4", "--draft-len", help="Draft length(s) in speculative mode: 4 or 2,4,6,auto."),
+    draft_width: str = typer.Option("1", "--draft-width", help="Draft width(s), greedy only: 1 (a chain) or 1,3 "
+                                    "(also verify the exit's 2nd..Nth choices for the first position)."),
     prompts: str | None = typer.Option(None, "--prompts", help="Prompt file: Spec-Bench jsonl, jsonl with "
                                        "\"prompt\" (and \"category\"), or one prompt per line "
                                        "(default: the built-in set)."),
@@ -215,6 +222,8 @@ def bench(
 
         balspec bench --draft-len 2,4,6,auto --prompts spec_bench_questions.jsonl --json --output bench.json
 
+        balspec bench --exits 8 --draft-len 1,auto --draft-width 1,3 --no-early-exit
+
         balspec bench --exits 12 --peers hf,hf-early-exit,prompt-lookup --plot bench.png
     """
     import shlex
@@ -233,13 +242,15 @@ def bench(
     chosen = parse_exits(exits) if exits else list(available)
     bench_lib.check_exits(chosen, available)
     draft_lens = bench_lib.parse_draft_lens(draft_len)
+    draft_widths = bench_lib.parse_draft_widths(draft_width, temperature)
     peer_names = bench_lib.parse_peers(peers)
     parse_dtype(dtype)
     if plot:
         report.require_matplotlib()
     prompt_set = load_prompts(prompts, num_prompts)
     bm = load(model=model, exits=path, dtype=dtype, device=device, draft_vocab=not full_draft_head)
-    opts = bench_lib.BenchOptions(exits=chosen, draft_lens=draft_lens, max_new_tokens=max_new_tokens,
+    opts = bench_lib.BenchOptions(exits=chosen, draft_lens=draft_lens, draft_widths=draft_widths,
+                                  max_new_tokens=max_new_tokens,
                                   temperature=temperature, warmup=warmup, seed=seed, peers=peer_names,
                                   eos=not ignore_eos, early_exit=not no_early_exit)
     bench_lib.check_options(bm, opts)

@@ -2,7 +2,7 @@
 
 The JSON document (`to_json`) is the contract that scripts read:
 {"meta": {...}, "baseline": {"mode": "full", "tokens_per_second", ...},
- "results": [{"mode", "name", "exit", "draft_len", "acceptance_rate", "mean_accepted_length",
+ "results": [{"mode", "name", "exit", "draft_len", "draft_width", "acceptance_rate", "mean_accepted_length",
               "accepted_hist", "tokens_per_second", "speedup", "greedy_mismatches", "cost_model",
               "per_category"}, ...]}
 """
@@ -23,7 +23,8 @@ from balspec.errors import BalspecError
 
 def result_dict(result: Result) -> dict:
     s = result.setting
-    return {"mode": s.mode, "name": s.name, "exit": s.exit, "draft_len": s.draft_len, **asdict(result.summary),
+    return {"mode": s.mode, "name": s.name, "exit": s.exit, "draft_len": s.draft_len, "draft_width": s.draft_width,
+            **asdict(result.summary),
             "cost_model": asdict(result.cost_model) if result.cost_model is not None else None,
             "per_category": {c: asdict(v) for c, v in result.per_category.items()}}
 
@@ -56,16 +57,17 @@ def print_tables(report: BenchReport, console=None) -> None:
     table = Table(title=f"balspec bench: {meta['model']} on {meta['device']}, {meta['dtype']}, "
                         f"{meta['prompts']['count']} prompts ({meta['prompts']['source']}), "
                         f"<= {meta['max_new_tokens']} new tokens, temperature {meta['temperature']}")
-    for name in ("mode", "exit", "k", "accept", "tau", "hist (cycles by accepted 0..k)", "tok/s", "speedup",
+    for name in ("mode", "exit", "k", "w", "accept", "tau", "hist (cycles by accepted 0..k)", "tok/s", "speedup",
                  "bound", "eff", "mismatch"):
         table.add_column(name, justify="left" if name.startswith(("mode", "hist")) else "right")
-    table.add_row("full (baseline)", "", "", "", "", "", f"{base.tokens_per_second:.1f}", "1.00x", "", "", "")
+    table.add_row("full (baseline)", "", "", "", "", "", "", f"{base.tokens_per_second:.1f}", "1.00x", "", "", "")
     for r in report.results:
         s, c = r.summary, r.cost_model
         mismatch = "" if s.greedy_mismatches is None else str(s.greedy_mismatches)
         if s.greedy_mismatches:  # exactness is broken: make it impossible to miss
             mismatch = f"[bold red]{mismatch}[/]"
-        table.add_row(r.setting.name, _text(r.setting.exit), _text(r.setting.draft_len),
+        width = _text(r.setting.draft_width) if r.setting.mode == "speculative" else ""
+        table.add_row(r.setting.name, _text(r.setting.exit), _text(r.setting.draft_len), width,
                       _num(s.acceptance_rate, "{:.2f}"), _num(s.mean_accepted_length, "{:.2f}"),
                       _hist(s.accepted_hist), f"{s.tokens_per_second:.1f}", _num(s.speedup, "{:.2f}x"),
                       _num(c.bound if c else None, "{:.2f}x"), _num(c.efficiency if c else None, "{:.0%}"),
@@ -88,11 +90,12 @@ def plot(report: BenchReport, path: str | Path) -> None:
     plt = require_matplotlib()
     fig, (ax_speed, ax_tau) = plt.subplots(1, 2, figsize=(11, 4.2))
     spec = [r for r in report.results if r.setting.mode == "speculative"]
-    for k in dict.fromkeys(r.setting.draft_len for r in spec):
-        rows = [r for r in spec if r.setting.draft_len == k]
+    for k, w in dict.fromkeys((r.setting.draft_len, r.setting.draft_width) for r in spec):
+        rows = [r for r in spec if (r.setting.draft_len, r.setting.draft_width) == (k, w)]
         exits = [r.setting.exit for r in rows]
-        ax_speed.plot(exits, [r.summary.speedup for r in rows], "o-", label=f"speculative k={k}")
-        ax_tau.plot(exits, [r.summary.mean_accepted_length for r in rows], "o-", label=f"k={k}")
+        name = f"k={k}" + (f" w={w}" if w > 1 else "")
+        ax_speed.plot(exits, [r.summary.speedup for r in rows], "o-", label=f"speculative {name}")
+        ax_tau.plot(exits, [r.summary.mean_accepted_length for r in rows], "o-", label=name)
     early = [r for r in report.results if r.setting.mode == "early-exit"]
     if early:
         ax_speed.plot([r.setting.exit for r in early], [r.summary.speedup for r in early], "s--", label="early-exit")

@@ -20,14 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 
 MAX_ROWS = 6  # from 8 rows on, F.linear's own GEMM is as fast again
+# MKL here computes two and four columns faster than one and three: over a SmolLM2 trunk's 210 matrices,
+# 1 / 2 / 3 / 4 rows took 32 / 23 / 29 / 24 ms. One or three rows get a copy of the last row appended.
+PADDED = (1, 3)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x with at most MAX_ROWS rows, as W @ x^T (one row padded to two)."""
+    """F.linear(x, weight, bias) for x with at most MAX_ROWS rows, as W @ x^T (1 or 3 rows padded by one)."""
     rows = x.numel() // x.shape[-1]
     flat = x.reshape(rows, x.shape[-1])
-    if rows == 1:
-        flat = torch.cat([flat, flat])
+    if rows in PADDED:
+        flat = torch.cat([flat, flat[-1:]])
     out = torch.mm(weight, flat.T)[:, :rows].T.contiguous()
     if bias is not None:
         out = out + bias

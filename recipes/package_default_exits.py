@@ -8,6 +8,10 @@ model still verifies over the whole vocabulary), with its coverage of held-out a
     python recipes/package_default_exits.py runs/self-exits --bench evals/results/bench_builtin_cpu.json \
         --draft-vocab 8192 --vocab-data data/self/train.jsonl=20 data/corpus/train.jsonl \
         --vocab-heldout data/self/heldout.jsonl --stage data/stage1-exits/balspec.json
+
+Only new defaults for the exits already shipped (weights, draft vocabulary and training record kept):
+
+    python recipes/package_default_exits.py balspec/default_exits --bench evals/results/bench_builtin_cpu.json
 """
 
 from __future__ import annotations
@@ -30,11 +34,9 @@ def choose_defaults(bench: dict) -> dict:
     """The fastest exact setting; `full` unless a speculative setting beats the baseline by MIN_WIN."""
     exact = [r for r in bench["results"] if r["mode"] == "speculative" and r.get("greedy_mismatches") == 0]
     best = max(exact, key=lambda r: r["speedup"], default=None)
-    chosen = {"mode": "full"} if best is None or best["speedup"] < MIN_WIN else \
-        {"mode": "speculative", "exit": best["exit"], "draft_len": best["draft_len"]}
-    if best is not None:  # the best exit stays the default exit for --mode speculative / early-exit
-        chosen.setdefault("exit", best["exit"])
-        chosen.setdefault("draft_len", best["draft_len"])
+    chosen = {"mode": "full"} if best is None or best["speedup"] < MIN_WIN else {"mode": "speculative"}
+    if best is not None:  # the best setting stays the default for --mode speculative / early-exit
+        chosen.update(exit=best["exit"], draft_len=best["draft_len"], draft_width=best.get("draft_width", 1))
     chosen["measured"] = {"command": bench["meta"].get("command"), "device": bench["meta"].get("device"),
                           "best_speculative_speedup": best and best["speedup"],
                           "best_acceptance_rate": best and best["acceptance_rate"]}
@@ -81,7 +83,7 @@ def main() -> None:
     model, tokenizer = load_model()
     exits, meta = load_exits(model, args.run)
     defaults = choose_defaults(json.loads(Path(args.bench).read_text())) if args.bench else None
-    info = None
+    info = meta.get("draft_vocab") if exits.draft_vocab is not None else None  # kept unless rebuilt
     if args.draft_vocab:
         exits.draft_vocab, info = draft_vocabulary(tokenizer, model.config.vocab_size, args.draft_vocab,
                                                    args.vocab_data, args.vocab_heldout)

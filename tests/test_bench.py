@@ -213,3 +213,14 @@ def test_exit_quality_is_exact_for_a_copy_of_the_last_layer(monkeypatch, exits_d
     assert rows["balcony (untrained)", 5]["perplexity"] == pytest.approx(rows["full", None]["perplexity"], rel=1e-4)
     assert rows["shared head", 2]["kl"] > 0
     assert doc["meta"]["tokens"] > 0 and doc["meta"]["device"]
+
+
+def test_draft_widths_parse_and_refuse_sampling():
+    from balspec.bench import parse_draft_widths
+
+    assert parse_draft_widths("1,3") == [1, 3]
+    for bad in ("0", "1,1", "two", ""):
+        with pytest.raises(BalspecError, match="--draft-width"):
+            parse_draft_widths(bad)
+    with pytest.raises(BalspecError, match="needs greedy decoding"):
+        parse_draft_widths("1,3", temperature=0.7)
