@@ -37,10 +37,17 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """skinny_linear for at most MAX_ROWS rows of x, F.linear beyond (a prefill)."""
+    if x.numel() > MAX_ROWS * x.shape[-1]:
+        return F.linear(x, weight, bias)
+    return skinny_linear(x, weight, bias)
+
+
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.numel() > MAX_ROWS * x.shape[-1] or torch.is_grad_enabled():  # training keeps nn.Linear's own path
+    if torch.is_grad_enabled():  # training keeps nn.Linear's own path
         return F.linear(x, self.weight, self.bias)
-    return skinny_linear(x, self.weight, self.bias)
+    return few_rows_linear(x, self.weight, self.bias)
 
 
 def install(modules: list[nn.Module]) -> None:

@@ -23,6 +23,21 @@ def test_default_model_answers_sanely(untrained):
     assert "Paris" in out.text
 
 
+def test_engine_logits_equal_transformers_on_default_model(untrained):
+    """balspec's layer forward computes what transformers' decoder layers compute on the real weights."""
+    import torch
+
+    engine = untrained.engine
+    ids = torch.tensor([untrained.encode(PROMPTS[1])])
+    with torch.inference_mode():
+        reference = untrained.model(ids).logits[0]
+        engine.reset(ids.shape[1] + 4)
+        prefill = engine.prefill(ids[:, :-1], "full", None)[0]
+        step = engine.step(ids[:, -1:], ids.shape[1] - 1, "full", None)[0]
+    torch.testing.assert_close(prefill, reference[-2], atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(step, reference[-1], atol=2e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize("exit_layer, draft_len", [(8, 3), (24, "auto")])
 def test_speculative_equals_full_on_default_model(untrained, exit_layer, draft_len):
     for prompt in PROMPTS:
@@ -41,7 +56,8 @@ def test_shipped_exits_load_and_are_exact():
     for prompt in PROMPTS:
         full = bm.generate(prompt, mode="full", max_new_tokens=32)
         assert bm.generate(prompt, max_new_tokens=32).token_ids == full.token_ids  # the shipped defaults
-        for exit_layer, draft_len in ((8, 1), (16, "auto"), (24, 3)):
-            spec = bm.generate(prompt, mode="speculative", exit=exit_layer, draft_len=draft_len, max_new_tokens=32)
-            assert spec.token_ids == full.token_ids, (exit_layer, draft_len)
+        for exit_layer, draft_len, width in ((8, 1, 1), (8, "auto", 3), (16, "auto", 1), (24, 3, 2)):
+            spec = bm.generate(prompt, mode="speculative", exit=exit_layer, draft_len=draft_len, draft_width=width,
+                               max_new_tokens=32)
+            assert spec.token_ids == full.token_ids, (exit_layer, draft_len, width)
         assert spec.stats.acceptance_rate > 0

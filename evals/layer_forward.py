@@ -1,0 +1,75 @@
+"""Time one decode step of the default model through transformers' decoder layers and through balspec's
+own layer forward (`balspec/layers.py`), interleaved so that machine load hits both alike, for 1-4 rows.
+
+    python evals/layer_forward.py --repeats 30 --output evals/results/layer_forward_cpu.json
+
+Both run the same modules and weights over balspec's KV cache (same masks, same rotary tables); only the
+per-call path differs. Prints the median milliseconds per step and writes them as JSON with --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import balspec
+from balspec.layers import decoder_layer
+
+PROMPT = "Explain in three sentences why the sky is blue."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rows", default="1,2,3,4", help="rows per step (a verify pass runs several)")
+    parser.add_argument("--output", help="write the medians as JSON here")
+    args = parser.parse_args()
+    bm = balspec.load()
+    engine = bm.engine
+    ids = bm.encode(PROMPT)
+    start = len(ids)
+    slots = range(engine.num_layers)
+
+    def transformers_layers(hidden, rows):
+        for layer in engine.parts.layers:
+            out = layer(hidden, attention_mask=rows.mask, past_key_values=engine.cache, position_embeddings=rows.rope)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def balspec_layers(hidden, rows):
+        for layer in engine.parts.layers:
+            hidden = decoder_layer(layer, hidden, rows.rope, rows.mask, engine.cache, engine.linear)
+        return hidden
+
+    paths = {"transformers": transformers_layers, "balspec": balspec_layers}
+    times = {(name, n): [] for name in paths for n in map(int, args.rows.split(","))}
+    with torch.inference_mode():
+        engine.reset(start + 8)
+        engine.prefill(torch.tensor([ids]), "full", None)
+        token = torch.tensor([ids[-1:]])
+        for _ in range(args.repeats + 2):
+            for name, n in times:
+                rows = engine.rows(start, n)
+                t0 = time.perf_counter()
+                engine.full_logits(paths[name](engine.embed(token.expand(1, n)), rows)).argmax(-1).tolist()
+                times[name, n].append(time.perf_counter() - t0)
+                engine.cache.rollback(slots, start)
+    medians = {f"{name} rows={n}": statistics.median(t[2:]) * 1e3 for (name, n), t in times.items()}
+    for key, ms in medians.items():
+        print(f"{key:22s} {ms:6.1f} ms")
+    if args.output:
+        doc = {"command": "python evals/layer_forward.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()
+                                                                       if v is not None),
+               "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+               "skinny_matmul": engine.skinny, "median_ms_per_step": medians}
+        Path(args.output).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
