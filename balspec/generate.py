@@ -30,6 +30,7 @@ class GenerationStats:
     mode: str
     exit: int | None
     draft_len: int | str | None
+    draft_width: int | None = None
     prompt_tokens: int = 0
     new_tokens: int = 0
     cycles: int = 0
@@ -157,8 +158,9 @@ class BalconyModel:
         if not sampling.greedy:
             generator = torch.Generator(self.device)
             generator.manual_seed(seed if seed is not None else torch.seed())
-        stats = GenerationStats(mode, exit_layer, ("auto" if adaptive else k) if mode == "speculative" else None,
-                                prompt_tokens=len(ids))
+        speculative = mode == "speculative"
+        stats = GenerationStats(mode, exit_layer, ("auto" if adaptive else k) if speculative else None,
+                                width if speculative else None, prompt_tokens=len(ids))
         stopper = _Stopper(self.tokenizer, self.eos_ids if eos else set(), stop or [], max_new_tokens)
         with torch.inference_mode():
             self._decode(ids, mode, exit_layer, k, adaptive, width, sampling, generator, stats, stopper, on_cycle)

@@ -45,7 +45,8 @@ class TokenStreamer:
 def print_generation_stats(stats, baseline=None, identical: bool | None = None) -> None:
     err = Console(stderr=True, highlight=False)
     parts = [f"{stats.mode}" + (f" exit {stats.exit}" if stats.exit is not None else "")
-             + (f" draft-len {stats.draft_len}" if stats.draft_len is not None else ""),
+             + (f" draft-len {stats.draft_len}" if stats.draft_len is not None else "")
+             + (f" width {stats.draft_width}" if (stats.draft_width or 1) > 1 else ""),
              f"{stats.new_tokens} tokens in {stats.seconds:.2f} s = {stats.tokens_per_second:.1f} tok/s"]
     if stats.acceptance_rate is not None:
         parts.append(f"acceptance {stats.acceptance_rate:.1%}, {stats.mean_accepted_length:.2f} tokens/cycle")

@@ -64,6 +64,7 @@ def test_speculative_greedy_with_siblings_equals_full(bm, draft_len, width):
             out = bm.generate(ids, mode="speculative", exit=exit_layer, draft_len=draft_len, draft_width=width,
                               max_new_tokens=30, eos=False)
             assert out.token_ids == full.token_ids, (exit_layer, draft_len, width, prompt_len)
+            assert out.stats.draft_width == width
 
 
 @pytest.mark.parametrize("draft_len", [1, 3])
