@@ -252,7 +252,8 @@ def decode(bm, setting: Setting, prompt_ids: list[int], prompt: Prompt, opts: Be
     t0 = time.perf_counter()
     width = setting.draft_width if setting.mode == "speculative" else None
     out = bm.generate(prompt_ids, mode=setting.mode, exit=setting.exit, draft_len=setting.draft_len,
-                      draft_width=width, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=seed, eos=opts.eos)
+                      draft_width=width, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                      seed=seed, eos=opts.eos)
     sync_device(bm.device)
     seconds = time.perf_counter() - t0
     s = out.stats

@@ -128,8 +128,8 @@ class BalconyModel:
 
     def generate(self, prompt: str | list[int], mode: str | None = None, exit: int | None = None,
                  draft_len: int | str | None = None, draft_width: int | None = None, max_new_tokens: int = 128,
-                 temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool = True,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 chat: bool = True,
                  stop: list[str] | None = None, eos: bool = True,
                  on_cycle: Callable[[list[int], list[int]], None] | None = None) -> GenerationOutput:
         """Generate from `prompt` (text, chat-formatted unless chat=False, or token ids).
@@ -221,7 +221,6 @@ class BalconyModel:
         if k < 1:
             raise BalspecError(f"--draft-len must be >= 1, got {k}")
         return k, False
-
 
     def _check_draft_width(self, draft_width: int | None, sampling: Sampling) -> int:
         if draft_width is None:

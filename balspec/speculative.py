@@ -47,7 +47,7 @@ class Engine:
         trunk_weights = [m.weight for m in self.parts.layers.modules() if type(m) is torch.nn.Linear]
         self.skinny = self.device.type == "cpu" and skinny.prefer_skinny(trunk_weights)
         if self.skinny:
-            skinny.install([self.parts.layers, self.parts.head, *([exits] if exits is not None else [])])
+            skinny.install([self.parts.head])  # the layers' products go through self.linear (layers.py)
         # a draft head over the most frequent tokens only: q is zero elsewhere, so exactness holds
         self.draft_vocab = draft_vocab.to(self.device, torch.long) if draft_vocab is not None else None
         self.draft_weight = weight[self.draft_vocab].contiguous() if draft_vocab is not None else None
