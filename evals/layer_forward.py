@@ -3,8 +3,9 @@ own layer forward (`balspec/layers.py`), interleaved so that machine load hits b
 
     python evals/layer_forward.py --repeats 30 --output evals/results/layer_forward_cpu.json
 
-Both run the same modules and weights over balspec's KV cache (same masks, same rotary tables); only the
-per-call path differs. Prints the median milliseconds per step and writes them as JSON with --output.
+Both run the same weights over balspec's KV cache (same masks, same rotary tables, and the same matrix-product
+form: where the engine chose the few-row form, the transformers layers' nn.Linear modules get it too for this
+measurement); only the per-call path differs. Prints the median milliseconds per step and writes them as JSON with --output.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 import balspec
+from balspec import skinny
 from balspec.layers import decoder_layer
 
 PROMPT = "Explain in three sentences why the sky is blue."
@@ -32,6 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     bm = balspec.load()
     engine = bm.engine
+    if engine.skinny:  # the engine installs it on the head only; its layers call engine.linear directly
+        skinny.install([engine.parts.layers])
     ids = bm.encode(PROMPT)
     start = len(ids)
     slots = range(engine.num_layers)
