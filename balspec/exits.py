@@ -83,11 +83,11 @@ class Balcony(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = norm
 
-    def forward(self, hidden: torch.Tensor, position_embeddings, attention_mask=None, cache=None) -> torch.Tensor:
-        """Hidden states of trunk layer e -> normed balcony output, ready for the LM head."""
+    def forward(self, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """Hidden states of trunk layer e over a whole block -> normed balcony output, ready for the LM head.
+        Training's path (causal attention, no cache); the engine runs the layers itself (layers.py)."""
         for layer in self.layers:
-            out = layer(hidden, attention_mask=attention_mask, past_key_values=cache,
-                        position_embeddings=position_embeddings)
+            out = layer(hidden, position_embeddings=position_embeddings)
             hidden = out[0] if isinstance(out, tuple) else out
         return self.norm(hidden)
 

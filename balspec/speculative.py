@@ -99,17 +99,17 @@ class Engine:
                    ) -> torch.Tensor:
         """Trunk layers first+1..last (1-based, as in the paper) over hidden states at positions start..
         (or over the tree rows `rows` describes)."""
-        rows = rows or self.rows(start, hidden.shape[1])
-        for layer in self.parts.layers[first:last]:
-            hidden = decoder_layer(layer, hidden, rows.rope, rows.mask, self.cache, self.linear)
-        return hidden
+        return self._through(self.parts.layers[first:last], hidden, rows or self.rows(start, hidden.shape[1]))
 
     def run_balcony(self, exit_layer: int, hidden: torch.Tensor, start: int) -> torch.Tensor:
         """Balcony layers and norm of one exit on its trunk hidden states (appends the balcony's KV)."""
-        balcony, rows = self.exits[exit_layer], self.rows(start, hidden.shape[1])
-        for layer in balcony.layers:
+        balcony = self.exits[exit_layer]
+        return balcony.norm(self._through(balcony.layers, hidden, self.rows(start, hidden.shape[1])))
+
+    def _through(self, layers, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
+        for layer in layers:
             hidden = decoder_layer(layer, hidden, rows.rope, rows.mask, self.cache, self.linear)
-        return balcony.norm(hidden)
+        return hidden
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.parts.head(self.parts.norm(hidden))  # [1, q, vocab]
