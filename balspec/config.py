@@ -23,6 +23,7 @@ from balspec.errors import BalspecError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+TRAIN_ON = ("all", "assistant")
 
 
 @dataclass
@@ -66,6 +67,10 @@ class DataConfig:
     """Field of a record that holds plain text."""
     messages_field: str = "messages"
     """Field of a record that holds a conversation [{"role", "content"}...], rendered with the chat template."""
+    train_on: str = "all"
+    """Positions the loss counts: "all", or "assistant": only those whose next token belongs to an assistant
+    turn of a conversation (its content and end-of-turn marker), the text an exit drafts at generation time.
+    The other tokens stay in the context. Plain-text records count whole either way."""
     block_size: int = 512
     """Tokens per training sequence: documents are concatenated (EOS between them) and cut into blocks."""
     heldout_blocks: int = 16
@@ -256,6 +261,7 @@ def validate(config: TrainingConfig) -> None:
         ("data.block_size", c.data.block_size >= 2, "at least 2"),
         ("data.heldout_blocks", c.data.heldout_blocks >= 0, "0 or more"),
         ("data.shuffle_buffer", c.data.shuffle_buffer >= 0, "0 or more"),
+        ("data.train_on", c.data.train_on in TRAIN_ON, f"one of {', '.join(TRAIN_ON)}"),
         ("optim.lr", c.optim.lr > 0, "positive"),
         ("optim.min_lr_ratio", 0 <= c.optim.min_lr_ratio <= 1, "between 0 and 1"),
         ("optim.warmup_steps", c.optim.warmup_steps >= 0, "0 or more"),

@@ -4,12 +4,14 @@ Records are plain text or conversations; conversations are rendered with the tok
 (an instruct model's exits must predict what it sees at generation time). Documents are concatenated with
 EOS between them and cut into blocks of `block_size` tokens. Local files are tokenised once (datasets
 caches the result); streamed sources (hub corpora too big for the disk) are packed on the fly.
-Both kinds of block source resume exactly from their `state_dict`.
+Both kinds of block source resume exactly from their `state_dict`. With data.train_on "assistant" each
+block also carries a loss mask: the positions whose next token is in an assistant turn.
 """
 
 from __future__ import annotations
 
 import glob
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,30 @@ from balspec.errors import BalspecError
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
              ".parquet": "parquet"}
 _PACK_BATCH = 1000  # records per packing batch; at most block_size - 1 tokens are dropped per batch
+
+
+@dataclass
+class Batch:
+    """Token blocks and, when the loss counts only some positions, which ones."""
+
+    input_ids: torch.Tensor  # [rows, block]
+    loss_mask: torch.Tensor | None = None  # [rows, block] bool: positions the loss counts; None: all of them
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, rows) -> Batch:
+        return Batch(self.input_ids[rows], None if self.loss_mask is None else self.loss_mask[rows])
+
+    def to(self, device) -> Batch:
+        return Batch(self.input_ids.to(device), None if self.loss_mask is None else self.loss_mask.to(device))
+
+
+def _batch(rows: dict) -> Batch:
+    """A Batch of rows {"input_ids": [...], "loss_mask"?: [...]} given column-wise."""
+    ids = torch.as_tensor(np.asarray(rows["input_ids"], dtype=np.int64))
+    mask = rows.get("loss_mask")
+    return Batch(ids, None if mask is None else torch.as_tensor(np.asarray(mask, dtype=np.bool_)))
 
 
 class PackedBlocks:
@@ -39,7 +65,7 @@ class PackedBlocks:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def next_batch(self, batch_size: int) -> torch.Tensor:
+    def next_batch(self, batch_size: int) -> Batch:
         rows = []
         while len(rows) < batch_size * self.world:
             order = self._epoch_order()
@@ -49,7 +75,7 @@ class PackedBlocks:
             if self.index == len(order):
                 self.epoch, self.index = self.epoch + 1, 0
         mine = rows[self.rank * batch_size:(self.rank + 1) * batch_size]
-        return torch.from_numpy(np.asarray(self.dataset[mine]["input_ids"], dtype=np.int64))  # [batch, block]
+        return _batch(self.dataset[mine])  # [batch, block]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -72,16 +98,16 @@ class StreamedBlocks:
         self.epoch = 0
         self._rows = iter(dataset)
 
-    def next_batch(self, batch_size: int) -> torch.Tensor:
+    def next_batch(self, batch_size: int) -> Batch:
         rows = []
         while len(rows) < batch_size:
             try:
-                rows.append(next(self._rows)["input_ids"])
+                rows.append(next(self._rows))
             except StopIteration:
                 self.epoch += 1
                 self.dataset.set_epoch(self.epoch)
                 self._rows = iter(self.dataset)
-        return torch.tensor(rows, dtype=torch.long)  # [batch, block]
+        return _batch({key: [r[key] for r in rows] for key in rows[0]})  # [batch, block]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "dataset": self.dataset.state_dict()}
@@ -94,7 +120,7 @@ class StreamedBlocks:
 
 
 def load_blocks(config: DataConfig, tokenizer, seed: int = 0, rank: int = 0, world: int = 1):
-    """(training blocks, this process's share; all held-out blocks [heldout_blocks, block_size])."""
+    """(training blocks, this process's share; all held-out blocks, a Batch [heldout_blocks, block_size])."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -154,7 +180,8 @@ def local_files(source: str, key: str) -> list[str] | None:
 
 
 def pack(records, plain_text: bool, tokenizer, config: DataConfig):
-    """Records -> rows {"input_ids": [block_size]}: rendered, tokenised, concatenated, cut into blocks."""
+    """Records -> rows {"input_ids": [block_size]} (and "loss_mask" when data.train_on is "assistant"):
+    rendered, tokenised, concatenated, cut into blocks."""
     eos = tokenizer.eos_token_id
     columns = records.column_names
     if columns is None:  # a stream that does not declare its fields: read them off the first record
@@ -162,36 +189,75 @@ def pack(records, plain_text: bool, tokenizer, config: DataConfig):
     if config.messages_field in columns and tokenizer.chat_template is None:
         raise BalspecError(f"data: records hold conversations ({config.messages_field!r}) but the model's "
                            "tokenizer has no chat template")
+    masked = config.train_on == "assistant"
+    if masked and not tokenizer.is_fast:
+        raise BalspecError("data.train_on: 'assistant' needs a fast tokenizer (token offsets); use 'all'")
 
     def pack_batch(batch: dict) -> dict:
-        texts = render(batch, tokenizer, config)
-        stream = []
-        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        texts, spans = render(batch, tokenizer, config, with_spans=True) if masked else \
+            (render(batch, tokenizer, config), None)
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=masked)
+        stream, counted = [], []  # counted[i]: token i is one the loss trains on
+        for r, ids in enumerate(encoded["input_ids"]):
             stream.extend(ids)
+            if masked:
+                counted.extend(_in_spans(encoded["offset_mapping"][r], spans[r]))
             if not plain_text and eos is not None:
                 stream.append(eos)
+                counted.append(False)
         n = len(stream) // config.block_size
-        return {"input_ids": [stream[i * config.block_size:(i + 1) * config.block_size] for i in range(n)]}
+        rows = {"input_ids": [stream[i * config.block_size:(i + 1) * config.block_size] for i in range(n)]}
+        if masked:  # position t predicts token t + 1: its loss counts when that token does
+            counted = counted[1:] + [False]
+            rows["loss_mask"] = [counted[i * config.block_size:(i + 1) * config.block_size] for i in range(n)]
+        return rows
 
     return records.map(pack_batch, batched=True, batch_size=_PACK_BATCH, remove_columns=columns or None)
 
 
-def render(batch: dict, tokenizer, config: DataConfig) -> list[str]:
-    """The text of each record: its conversation through the chat template, else its text field."""
+def _in_spans(offsets: list, spans: list[tuple[int, int]] | None) -> list[bool]:
+    """Per token, whether its first character lies in one of `spans` (None: the whole text counts)."""
+    if spans is None:
+        return [True] * len(offsets)
+    return [any(a <= start < b for a, b in spans) for start, _ in offsets]
+
+
+def render(batch: dict, tokenizer, config: DataConfig, with_spans: bool = False):
+    """The text of each record: its conversation through the chat template, else its text field. With
+    with_spans, (texts, spans): per record the character spans of its assistant turns, None for plain text."""
     conversations = batch.get(config.messages_field)
     texts = batch.get(config.text_field)
     count = len(next(iter(batch.values())))
-    out = []
+    out, spans = [], []
     for i in range(count):
         if conversations is not None and conversations[i]:
             out.append(tokenizer.apply_chat_template(conversations[i], tokenize=False))
+            spans.append(assistant_spans(conversations[i], out[-1], tokenizer) if with_spans else None)
         elif texts is not None and texts[i] is not None:
             out.append(texts[i])
+            spans.append(None)
         else:
             raise BalspecError(f"data: a record has neither a {config.text_field!r} nor a "
                                f"{config.messages_field!r} field (it has {', '.join(batch)}); "
                                "set data.text_field or data.messages_field")
-    return out
+    return (out, spans) if with_spans else out
+
+
+def assistant_spans(messages: list[dict], text: str, tokenizer) -> list[tuple[int, int]]:
+    """Character spans of `text` (the rendered conversation) that hold its assistant turns: from the end of
+    the generation prompt before each turn to the end of the turn as rendered (content and end marker)."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant" or i == 0:
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
+            raise BalspecError("data.train_on: the chat template does not render a conversation as the "
+                               "rendering of its earlier turns plus the new one, so assistant turns cannot be "
+                               "located; use data.train_on=all")
+        spans.append((len(before), len(through)))
+    return spans
 
 
 def _builder(files: list[str], key: str) -> str:
@@ -214,9 +280,10 @@ def _packed_blocks(train, heldout, config: DataConfig, seed: int, rank: int, wor
         train, heldout = split["train"], split["test"]
     if heldout is not None and len(heldout) == 0:
         raise BalspecError(_too_small("data.heldout", config.heldout, 0, config))
-    rows = np.asarray(heldout.with_format("numpy")[:config.heldout_blocks]["input_ids"], dtype=np.int64) \
-        if heldout is not None else np.zeros((0, config.block_size), dtype=np.int64)
-    eval_blocks = torch.from_numpy(rows.reshape(-1, config.block_size))  # [heldout, block]
+    if heldout is not None:
+        eval_blocks = _batch(heldout.with_format("numpy")[:config.heldout_blocks])  # [heldout, block]
+    else:
+        eval_blocks = Batch(torch.zeros((0, config.block_size), dtype=torch.long))
     return PackedBlocks(train, seed, rank, world), eval_blocks
 
 
@@ -227,8 +294,11 @@ def _streamed_blocks(train, heldout, config: DataConfig, seed: int, rank: int, w
         heldout, train = train.take(config.heldout_blocks), train.skip(config.heldout_blocks)
     if next(iter(train.take(1)), None) is None:
         raise BalspecError(_too_small("data.train", config.train, 0, config))
-    rows = [r["input_ids"] for r in heldout.take(config.heldout_blocks)] if heldout is not None else []
-    eval_blocks = torch.tensor(rows, dtype=torch.long).reshape(-1, config.block_size)  # [heldout, block]
+    rows = list(heldout.take(config.heldout_blocks)) if heldout is not None else []
+    if rows:
+        eval_blocks = _batch({key: [r[key] for r in rows] for key in rows[0]})  # [heldout, block]
+    else:
+        eval_blocks = Batch(torch.zeros((0, config.block_size), dtype=torch.long))
     if config.shuffle_buffer > 0:  # after the held-out blocks are split off, so they never reach training
         train = train.shuffle(buffer_size=config.shuffle_buffer, seed=seed)
     if world > 1:

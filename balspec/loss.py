@@ -31,6 +31,7 @@ class ExitLosses:
     kl: torch.Tensor  # mean over positions of KL(p_full || q_exit), in nats
     ce: torch.Tensor  # mean next-token cross-entropy of the exit (0 when not computed)
     agree: torch.Tensor  # fraction of positions where the exit's argmax equals the full model's
+    positions: int = 0  # positions the means are over
 
 
 def teacher_forward(model: nn.Module, input_ids: torch.Tensor, exits: list[int]):
@@ -78,9 +79,13 @@ def distill_losses(hidden: list[torch.Tensor], teacher_hidden: torch.Tensor, hea
     if ce_weight > 0 and labels is None:
         raise ValueError("ce_weight > 0 needs labels")
     want_grad = torch.is_grad_enabled() and any(h.requires_grad for h in hidden)
+    n = teacher_hidden.shape[0]
+    if n == 0:  # a batch without a counted position: zero loss, still a graph for backward (and DDP) to walk
+        zero = torch.stack([h.sum() * 0 for h in hidden]).float()
+        return ExitLosses(zero, zero.detach(), zero.detach(), zero.detach(), 0)
     loss, metrics = _FusedHeadKL.apply(teacher_hidden, labels, head.weight, head.bias, ce_weight, chunk,
                                        want_grad, workspace or Workspace(), *hidden)
-    return ExitLosses(loss, metrics[0], metrics[1], metrics[2])
+    return ExitLosses(loss, metrics[0], metrics[1], metrics[2], n)
 
 
 class _FusedHeadKL(torch.autograd.Function):
@@ -189,8 +194,10 @@ class Distiller(nn.Module):
         self.workspace = Workspace()
 
     def forward(self, trunk: list[torch.Tensor], position_embeddings, teacher_hidden: torch.Tensor, head: nn.Linear,
-                labels: torch.Tensor | None = None) -> ExitLosses:
-        """trunk: hidden states [batch, seq, hidden] at each exit; teacher_hidden: the final normed ones."""
+                labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> ExitLosses:
+        """trunk: hidden states [batch, seq, hidden] at each exit; teacher_hidden: the final normed ones;
+        loss_mask [batch, seq] bool: the positions the loss counts (None: all). The balconies run on every
+        position (each needs its context); the head and the KL only on the counted ones."""
         normed = []
         for e, h in zip(self.exits.exits, trunk):
             balcony = self.exits[e]
@@ -202,5 +209,10 @@ class Distiller(nn.Module):
                 out = balcony(h, position_embeddings=position_embeddings)
             normed.append(out.flatten(0, 1))  # [batch * seq, hidden]
         flat_labels = labels.flatten() if labels is not None and self.ce_weight > 0 else None
-        return distill_losses(normed, teacher_hidden.flatten(0, 1), head, flat_labels, self.ce_weight, self.chunk,
-                              self.workspace)
+        teacher = teacher_hidden.flatten(0, 1)  # [batch * seq, hidden]
+        if loss_mask is not None:
+            rows = loss_mask.flatten().nonzero().squeeze(1)  # [counted]
+            normed = [h.index_select(0, rows) for h in normed]
+            teacher = teacher.index_select(0, rows)
+            flat_labels = flat_labels.index_select(0, rows) if flat_labels is not None else None
+        return distill_losses(normed, teacher, head, flat_labels, self.ce_weight, self.chunk, self.workspace)

@@ -33,7 +33,7 @@ from balspec.config import (
     get_value,
     resolve_config,
 )
-from balspec.data import load_blocks
+from balspec.data import Batch, load_blocks
 from balspec.errors import BalspecError
 from balspec.exits import Exits, attach_exits, init_exits_from, model_parts, read_meta, save_exits
 from balspec.loss import Distiller, ExitLosses, next_token_labels, teacher_forward
@@ -110,7 +110,7 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
     if c.exits.init_from:
         init_exits_from(exits, model, c.exits.init_from)
     blocks, eval_blocks = load_blocks(c.data, tokenizer, c.train.seed, accelerator.process_index,
-                                      accelerator.num_processes)  # eval_blocks: all of them, [heldout, block]
+                                      accelerator.num_processes)  # eval_blocks: all of them, a Batch
 
     output = Path(c.train.output)
     if accelerator.is_main_process and resume_from is None:
@@ -132,6 +132,7 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
 
     tokens_per_step = c.optim.batch_size * c.data.block_size * c.optim.grad_accum * accelerator.num_processes
     data_info = {"train": c.data.train, "heldout": c.data.heldout, "block_size": c.data.block_size,
+                 "train_on": c.data.train_on,
                  "train_blocks": len(blocks) if hasattr(blocks, "__len__") else None,
                  "heldout_blocks": len(eval_blocks)}
     eval_metrics: dict = {}
@@ -190,9 +191,9 @@ def train_step(model, parts, distiller, optimizer, blocks, accelerator, c: Train
     kl = ce = agree = 0.0
     grad_norm = None
     for _ in range(c.optim.grad_accum):
-        input_ids = blocks.next_batch(c.optim.batch_size).to(accelerator.device)  # [batch, block]
+        batch = blocks.next_batch(c.optim.batch_size).to(accelerator.device)  # [batch, block]
         with accelerator.accumulate(distiller):
-            losses = distill_batch(model, parts, distiller, input_ids, accelerator, c)
+            losses = distill_batch(model, parts, distiller, batch, accelerator, c)
             accelerator.backward(losses.loss.sum())
             if accelerator.sync_gradients and c.optim.grad_clip > 0:
                 grad_norm = accelerator.clip_grad_norm_(distiller.parameters(), c.optim.grad_clip)
@@ -203,8 +204,9 @@ def train_step(model, parts, distiller, optimizer, blocks, accelerator, c: Train
     return ExitLosses((kl + c.loss.ce_weight * ce) / n, kl / n, ce / n, agree / n), grad_norm
 
 
-def distill_batch(model, parts, distiller, input_ids: torch.Tensor, accelerator, c: TrainingConfig) -> ExitLosses:
+def distill_batch(model, parts, distiller, blocks: Batch, accelerator, c: TrainingConfig) -> ExitLosses:
     """The teacher's no-grad forward, then the balconies and their losses on one batch [batch, block]."""
+    input_ids = blocks.input_ids
     batch, seq = input_ids.shape
     position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, -1)  # [batch, seq]
     with accelerator.autocast():
@@ -212,18 +214,19 @@ def distill_batch(model, parts, distiller, input_ids: torch.Tensor, accelerator,
         with torch.no_grad():
             position_embeddings = parts.rotary(trunk[0], position_ids)
         labels = next_token_labels(input_ids) if c.loss.ce_weight > 0 else None
-        return distiller(trunk, position_embeddings, teacher_hidden, parts.head, labels)
+        return distiller(trunk, position_embeddings, teacher_hidden, parts.head, labels, blocks.loss_mask)
 
 
-def evaluate(model, parts, distiller, eval_blocks: torch.Tensor, accelerator, c: TrainingConfig) -> dict:
-    """Per-exit KL and top-1 agreement with the full model on the held-out blocks, shared among processes."""
-    sums = torch.zeros(3, len(c.exits.layers), device=accelerator.device)  # kl, agree, blocks
+def evaluate(model, parts, distiller, eval_blocks: Batch, accelerator, c: TrainingConfig) -> dict:
+    """Per-exit KL and top-1 agreement with the full model on the held-out blocks (over the positions the
+    loss counts), shared among processes."""
+    sums = torch.zeros(3, len(c.exits.layers), device=accelerator.device)  # kl, agree, positions
     mine = eval_blocks[accelerator.process_index::accelerator.num_processes]
     with torch.no_grad():
         for start in range(0, len(mine), c.optim.batch_size):
-            input_ids = mine[start:start + c.optim.batch_size].to(accelerator.device)  # [batch, block]
-            losses = distill_batch(model, parts, distiller, input_ids, accelerator, c)
-            sums += torch.stack([losses.kl, losses.agree, torch.ones_like(losses.kl)]) * len(input_ids)
+            batch = mine[start:start + c.optim.batch_size].to(accelerator.device)  # [batch, block]
+            losses = distill_batch(model, parts, distiller, batch, accelerator, c)
+            sums += torch.stack([losses.kl, losses.agree, torch.ones_like(losses.kl)]) * losses.positions
     sums = accelerator.reduce(sums, "sum")
     kl, agree = (sums[:2] / sums[2].clamp(min=1)).tolist()
     layers = sorted(c.exits.layers)

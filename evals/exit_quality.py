@@ -45,19 +45,22 @@ class Quality:
     tokens: int
 
 
-def heldout_blocks(source: str, tokenizer, seq_len: int, max_tokens: int) -> list[torch.Tensor]:
+def heldout_blocks(source: str, tokenizer, seq_len: int, max_tokens: int, positions: str = "all"):
     """Held-out text read and packed exactly as training reads it (balspec.data: chat records through the
-    chat template, EOS between documents), cut into blocks of seq_len tokens, up to max_tokens."""
+    chat template, EOS between documents), cut into blocks of seq_len tokens, up to max_tokens. A list of
+    (ids [1, seq_len], counted positions [seq_len] bool or None: all)."""
     from balspec.config import DataConfig
     from balspec.data import pack, read_records
 
-    config = DataConfig(train=source, heldout=None, block_size=seq_len)
+    config = DataConfig(train=source, heldout=None, block_size=seq_len, train_on=positions)
     blocks = pack(*read_records(source, config, "--data"), tokenizer, config)
     if len(blocks) == 0:
         raise BalspecError(f"--data: {source} gives no block of --seq-len {seq_len} tokens; give more text "
                            "or a smaller --seq-len")
-    count = min(len(blocks), max(1, max_tokens // seq_len))
-    return [torch.tensor([row]) for row in blocks.select(range(count))["input_ids"]]  # each [1, seq_len]
+    rows = blocks.select(range(min(len(blocks), max(1, max_tokens // seq_len))))
+    masks = rows["loss_mask"] if positions == "assistant" else [None] * len(rows)
+    return [(torch.tensor([ids]), None if m is None else torch.tensor(m))
+            for ids, m in zip(rows["input_ids"], masks)]
 
 
 Head = Callable[[torch.Tensor, tuple], torch.Tensor]  # (h_e [1, L, hidden], rope) -> logits [1, L, vocab]
@@ -81,12 +84,15 @@ def measure(model, seqs: list[torch.Tensor], heads: list[tuple[str, int, Head]])
     device = parts.head.weight.device
     sums = {key: [0.0, 0.0, 0.0] for key in [("full", None)] + [(n, e) for n, e, _ in heads]}  # kl, top1, nll
     tokens = 0
-    for ids in seqs:
+    for ids, counted in seqs:
         ids = ids.to(device)
+        # positions scored: each has a next token in the block; with a mask, only the counted ones
+        keep = torch.ones(ids.shape[1] - 1, dtype=torch.bool, device=device) if counted is None \
+            else counted[:-1].to(device)
         out = model(ids, output_hidden_states=True)
-        log_p = F.log_softmax(out.logits[0, :-1].float(), -1)  # [L - 1, vocab]
+        log_p = F.log_softmax(out.logits[0, :-1][keep].float(), -1)  # [scored, vocab]
         top_p = log_p.argmax(-1)
-        target = ids[0, 1:]
+        target = ids[0, 1:][keep]
         positions = torch.arange(ids.shape[1], device=device)[None]
         rope = parts.rotary(out.hidden_states[0], positions)
         tokens += len(target)
@@ -94,7 +100,7 @@ def measure(model, seqs: list[torch.Tensor], heads: list[tuple[str, int, Head]])
         sums[("full", None)][1] += len(target)
         for name, e, head in heads:
             # hidden_states[e] is the residual stream after trunk layer e (hidden_states[0]: embeddings)
-            log_q = F.log_softmax(head(out.hidden_states[e], rope)[0, :-1].float(), -1)
+            log_q = F.log_softmax(head(out.hidden_states[e], rope)[0, :-1][keep].float(), -1)
             acc = sums[(name, e)]
             acc[0] += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
             acc[1] += (log_q.argmax(-1) == top_p).sum().item()
@@ -124,7 +130,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--exits", default=None, help="exits to evaluate (default: the checkpoint's), e.g. 8,12,16")
     parser.add_argument("--data", default=DEFAULT_DATA, help="held-out text: .jsonl/.json records "
                         "({\"messages\": [...]} or {\"text\": ...}), .txt, .parquet, a directory or a glob")
-    parser.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens to score")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens to read")
+    parser.add_argument("--positions", choices=("all", "assistant"), default="all",
+                        help="positions scored: all, or those whose next token is in an assistant turn "
+                        "(what an exit drafts at generation time)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default=None)
@@ -145,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
         trained[e]  # a clear error for an exit the checkpoint lacks
     untrained = attach_exits(model, exits, meta.get("norm_init", "final"), meta.get("layer_init", "last"))
     untrained.requires_grad_(False).eval()
-    seqs = heldout_blocks(args.data, tokenizer, args.seq_len, args.max_tokens)
+    seqs = heldout_blocks(args.data, tokenizer, args.seq_len, args.max_tokens, args.positions)
     t0 = time.perf_counter()
     rows = measure(model, seqs, heads_for(model, trained, untrained, exits))
     import transformers
@@ -156,13 +165,15 @@ def run(args: argparse.Namespace) -> dict:
     name = model.config._name_or_path
     doc = {"meta": {"device": device_name(device), "dtype": args.dtype, "model": name,
                     "exits_checkpoint": str(exits_path) if exits_path else None,
-                    "norm_init": meta.get("norm_init"), "data": args.data, "tokens": rows[0].tokens,
+                    "norm_init": meta.get("norm_init"), "data": args.data, "positions": args.positions,
+                    "tokens": rows[0].tokens,
                     "seq_len": args.seq_len, "seconds": round(time.perf_counter() - t0, 1),
                     "versions": {"balspec": __version__, "torch": torch.__version__,
                                  "transformers": transformers.__version__},
                     "command": shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])},
            "rows": [asdict(r) for r in rows]}
-    print_table(rows, f"exit quality: {name}, {rows[0].tokens} held-out tokens of {args.data}")
+    scored = "held-out tokens" if args.positions == "all" else "held-out assistant tokens"
+    print_table(rows, f"exit quality: {name}, {rows[0].tokens} {scored} of {args.data}")
     output = Path(args.output) if args.output else \
         RESULTS_DIR / f"exit_quality_{Path(name).name}_{time.strftime('%Y%m%d-%H%M%S')}.json"
     output.parent.mkdir(parents=True, exist_ok=True)

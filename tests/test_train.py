@@ -306,6 +306,7 @@ BAD_INPUTS = {
     "wrong type in --set": (["--set", "optim.lr=fast"], "optim.lr: expected float"),
     "empty dataset": (["--data", "{tmp}/empty.txt"], "is empty"),
     "dataset under one block": (["--data", "{tmp}/short.txt"], "gives 0 blocks"),
+    "unknown train_on": (["--set", "data.train_on=answers"], "data.train_on: must be one of all, assistant"),
     "output holds something else": (["--output", "{tmp}/other"], "not a balspec run"),
     "nothing to resume": (["--resume"], "no checkpoint to resume from"),
 }
@@ -343,22 +344,107 @@ def test_chat_records_use_the_chat_template(tmp_path):
     assert "<|im_start|>user\nHow are you?<|im_end|>" in text and "plain text record<|im_end|>" in text
 
 
+CHATS = [{"messages": [{"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "Fine."},
+                        {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "Then more."}]},
+         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                       {"role": "assistant", "content": "Hello there"}]},
+         {"text": "plain text record"}]
+
+
+def counted_text(tokenizer, blocks) -> str:
+    """The text of the tokens the loss predicts: token t + 1 for every counted position t."""
+    ids = sum((b["input_ids"] for b in blocks), [])
+    mask = sum((b["loss_mask"] for b in blocks), [])
+    return tokenizer.decode([ids[t + 1] for t in range(len(ids) - 1) if mask[t]])
+
+
+def test_assistant_positions_are_the_assistant_turns(tmp_path):
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHATS) * 6)
+    config = resolve_config(None, [f"data.train={tmp_path / 'chat.jsonl'}", "data.block_size=40",
+                                   "data.train_on=assistant"]).data
+    tokenizer = tiny_tokenizer()
+    blocks = pack(*read_records(config.train, config, "data.train"), tokenizer, config)
+    one = "Fine.<|im_end|>\nThen more.<|im_end|>\nHello there<|im_end|>\nplain text record"
+    text = counted_text(tokenizer, blocks)
+    assert one in text  # assistant turns with their end markers, plain text whole
+    assert "How are you" not in text and "Hi" not in text and "Be brief" not in text and "user" not in text
+    whole = tokenizer.decode(sum((b["input_ids"] for b in blocks), []))
+    assert "<|im_start|>user\nHow are you?<|im_end|>" in whole  # prompts stay in the context
+
+
+@pytest.mark.integration
+def test_assistant_positions_in_the_default_template(tmp_path):
+    """SmolLM2's template inserts a default system prompt; the counted tokens are still the answers only."""
+    from transformers import AutoTokenizer
+
+    from balspec.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHATS[:2]) * 20)
+    config = resolve_config(None, [f"data.train={tmp_path / 'chat.jsonl'}", "data.block_size=64",
+                                   "data.train_on=assistant"]).data
+    blocks = pack(*read_records(config.train, config, "data.train"), tokenizer, config)
+    text = counted_text(tokenizer, blocks)
+    assert "Fine.<|im_end|>" in text and "Hello there<|im_end|>" in text
+    assert "How are you" not in text and "SmolLM" not in text and "Be brief" not in text
+
+
+def test_masked_loss_counts_only_the_masked_positions():
+    model = tiny_model()
+    parts = model_parts(model)
+    exits = perturbed_exits(model, [2, 4])
+    ids = torch.randint(3, 259, (2, 12), generator=torch.Generator().manual_seed(3))
+    teacher_hidden, trunk = teacher_forward(model, ids, exits.exits)
+    rope = parts.rotary(trunk[0], torch.arange(12)[None].expand(2, -1))
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, 3:7], mask[1, 9:] = True, True
+    distiller = Distiller(exits, chunk=5)
+    masked = distiller(trunk, rope, teacher_hidden, parts.head, loss_mask=mask)
+    masked.loss.sum().backward()
+    grads = {k: p.grad.clone() for k, p in exits.named_parameters()}
+    exits.zero_grad()
+    assert masked.positions == 7
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(ids).logits, -1)[mask]  # [7, vocab]
+    reference = 0.0
+    for e, h in zip(exits.exits, trunk):  # balconies see the whole block; the KL is over the masked rows
+        log_q = torch.log_softmax(parts.head(exits[e](h, position_embeddings=rope)), -1)[mask]
+        reference = reference + F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    reference.backward()
+    for k, p in exits.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, atol=1e-6, rtol=1e-4)
+    none = distiller(trunk, rope, teacher_hidden, parts.head, loss_mask=torch.zeros_like(mask))
+    none.loss.sum().backward()  # nothing counted: zero loss, and backward still works
+    assert none.positions == 0 and float(none.loss.detach().abs().sum()) == 0.0
+
+
+def test_training_on_assistant_positions(tmp_path):
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHATS) * 30)
+    output = tmp_path / "run"
+    config = tiny_config(output, f"data.train={tmp_path / 'chat.jsonl'}", "data.train_on=assistant",
+                         "data.block_size=48", "data.heldout_blocks=2", "train.max_steps=3", "train.eval_every=3")
+    train(config)
+    record = json.loads((output / "balspec.json").read_text())["training"]
+    assert record["config"]["data"]["train_on"] == "assistant" and record["data"]["train_on"] == "assistant"
+    assert all(0.0 <= record["eval"][f"eval/top1/{e}"] <= 1.0 for e in config.exits.layers)
+
+
 def test_packed_blocks_resume_and_shard(tmp_path):
     config = resolve_config(None, [f"data.train={TINY_TEXT}", "data.heldout=null", "data.block_size=32",
                                    "data.heldout_blocks=4"]).data
     tokenizer = tiny_tokenizer()
     blocks, heldout = load_blocks(config, tokenizer, seed=1)
-    assert heldout.shape == (4, 32)
+    assert heldout.input_ids.shape == (4, 32) and heldout.loss_mask is None
     for _ in range(40):  # past one epoch
         blocks.next_batch(3)
     state = blocks.state_dict()
-    expected = blocks.next_batch(3)
+    expected = blocks.next_batch(3).input_ids
     again, _ = load_blocks(config, tokenizer, seed=1)
     again.load_state_dict(state)
-    assert torch.equal(again.next_batch(3), expected)
-    shards = [load_blocks(config, tokenizer, seed=1, rank=r, world=2)[0].next_batch(3) for r in (0, 1)]
+    assert torch.equal(again.next_batch(3).input_ids, expected)
+    shards = [load_blocks(config, tokenizer, seed=1, rank=r, world=2)[0].next_batch(3).input_ids for r in (0, 1)]
     whole, _ = load_blocks(config, tokenizer, seed=1)
-    assert torch.equal(torch.cat(shards), whole.next_batch(6))
+    assert torch.equal(torch.cat(shards), whole.next_batch(6).input_ids)
     assert isinstance(blocks, PackedBlocks)
 
 
@@ -367,14 +453,14 @@ def test_streamed_blocks_resume(tmp_path):
                                    "data.heldout_blocks=2", "data.streaming=true", "data.shuffle_buffer=0"]).data
     tokenizer = tiny_tokenizer()
     blocks, heldout = load_blocks(config, tokenizer)
-    assert isinstance(blocks, StreamedBlocks) and heldout.shape == (2, 32)
-    first = blocks.next_batch(2)
-    assert not any(torch.equal(first[0], h) for h in heldout)  # held-out blocks never reach training
+    assert isinstance(blocks, StreamedBlocks) and heldout.input_ids.shape == (2, 32)
+    first = blocks.next_batch(2).input_ids
+    assert not any(torch.equal(first[0], h) for h in heldout.input_ids)  # held-out blocks never reach training
     state = blocks.state_dict()
-    expected = blocks.next_batch(2)
+    expected = blocks.next_batch(2).input_ids
     again, _ = load_blocks(config, tokenizer)
     again.load_state_dict(state)
-    assert torch.equal(again.next_batch(2), expected)
+    assert torch.equal(again.next_batch(2).input_ids, expected)
 
 
 def test_next_token_labels():
