@@ -67,6 +67,23 @@ def test_speculative_greedy_with_siblings_equals_full(bm, draft_len, width):
             assert out.stats.draft_width == width
 
 
+def test_two_layer_balconies_are_exact():
+    model = sharp_model()
+    modules = attach_exits(model, [2, 4], balcony_layers=2).requires_grad_(False).eval()
+    with torch.no_grad():  # the two layers of a balcony differ, so their order and caches matter
+        for p in modules.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    bm = BalconyModel(model, tiny_tokenizer(), modules)
+    ids = [(3 * i + 5) % 250 + 3 for i in range(7)]
+    full = bm.generate(ids, mode="full", max_new_tokens=30, eos=False)
+    for exit_layer in (2, 4):
+        for k, width in ((1, 1), (3, 1), ("auto", 3)):
+            out = bm.generate(ids, mode="speculative", exit=exit_layer, draft_len=k, draft_width=width,
+                              max_new_tokens=30, eos=False)
+            assert out.token_ids == full.token_ids, (exit_layer, k, width)
+            assert 0 < out.stats.accepted < 30  # some drafts land, some miss
+
+
 @pytest.mark.parametrize("draft_len", [1, 3])
 def test_a_sibling_the_full_model_chose_is_accepted(draft_len, monkeypatch):
     """The first draft is always wrong and the right token is always among the siblings: every cycle must
