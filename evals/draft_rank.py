@@ -31,9 +31,10 @@ def main() -> None:
     parser.add_argument("--prompts", help="prompt file (default: the built-in set)")
     parser.add_argument("--num-prompts", type=int, default=14)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--exits-path", help="exits checkpoint (default: the shipped exits)")
     parser.add_argument("--output", help="write the result as JSON here")
     args = parser.parse_args()
-    bm = balspec.load()
+    bm = balspec.load(exits=args.exits_path)
     engine = bm.engine
     ranks: dict[int, list[torch.Tensor]] = {e: [] for e in bm.exits}
     with torch.inference_mode():
@@ -59,7 +60,7 @@ def main() -> None:
     print(f"{positions} answer positions", file=sys.stderr)
     if args.output:
         doc = {"command": shlex.join(["python", *sys.argv]), "device": f"cpu ({platform.machine()})",
-               "positions": positions, "agreement": table}
+               "exits_path": args.exits_path or "shipped", "positions": positions, "agreement": table}
         Path(args.output).write_text(json.dumps(doc, indent=2) + "\n")
 
 
