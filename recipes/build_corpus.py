@@ -46,7 +46,7 @@ def chitchat(downloads: Path) -> list[dict]:
 
 
 def fortunes(downloads: Path) -> list[dict]:
-    root = _deb_extract("fortunes", downloads) / "usr/share/games/fortunes"
+    root = deb_extract("fortunes", downloads) / "usr/share/games/fortunes"
     records = []
     for path in sorted(root.iterdir()):
         if path.suffix or path.is_dir() or path.is_symlink() or path.name in SKIPPED_FORTUNES:
@@ -57,7 +57,7 @@ def fortunes(downloads: Path) -> list[dict]:
 
 
 def python_docs(downloads: Path) -> list[dict]:
-    root = _deb_extract("python3.11-doc", downloads) / "usr/share/doc/python3.11/html/_sources"
+    root = deb_extract("python3.11-doc", downloads) / "usr/share/doc/python3.11/html/_sources"
     return [{"text": p.read_text(encoding="utf-8", errors="replace")} for p in sorted(root.rglob("*.rst.txt"))]
 
 
@@ -102,7 +102,7 @@ def _pip_download(requirement: str, downloads: Path) -> Path:
     return found[-1]
 
 
-def _deb_extract(package: str, downloads: Path) -> Path:
+def deb_extract(package: str, downloads: Path) -> Path:
     target = downloads / package
     if target.is_dir():
         return target

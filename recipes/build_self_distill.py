@@ -1,20 +1,16 @@
 """Build self-distillation data: instructions answered by the full default model itself.
 
-    python recipes/build_corpus.py                      # first: the openly licensed sources
-    python recipes/build_self_distill.py --prompts 1500 # -> data/self/{train,heldout}.jsonl
+    python recipes/build_corpus.py                                   # first: the openly licensed sources
+    python recipes/build_self_distill.py --prompts 6000 --output data/self3 --batch-size 64
+                                                                     # -> data/self3/{train,heldout}.jsonl
 
 At generation time an exit must predict the full model's own answers, not human text; those answers are
 easier (lower entropy) and differently distributed. So the training contexts here are the model's greedy
 answers to a mix of instructions, written as chat records {"messages": [user, assistant]} that
 `balspec train` renders with the model's chat template (its default system prompt included, as at
-generation time). The instructions are built from openly licensed text only (the sources of
-build_corpus.py) plus templates written for this script:
-  - chitchat-dataset (MIT): the opening turns of human dialogues, as they are;
-  - fortunes (BSD-style): quotes to explain, summarise, translate, rewrite or continue;
-  - python3.11-doc (PSF-2.0): passages to summarise or answer questions about, modules to explain;
-  - arithmetic word problems and general-knowledge topics generated from templates here.
-None of them is drawn from the benchmark prompt sets (the built-in prompts, Spec-Bench).
-Generation is batched (left padding) and appends to a partial file, so an interrupted run resumes.
+generation time). The instructions come from recipes/instructions.py (openly licensed text and templates;
+none from the benchmark prompt sets). Generation is batched (left padding) and appends to a partial file,
+so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -30,85 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TOPICS = ["photosynthesis", "the water cycle", "volcanoes", "the moon's phases", "how vaccines work", "black holes",
-          "the printing press", "compound interest", "recycling", "the human heart", "bees", "electric cars",
-          "the Roman Empire", "climate and weather", "sleep", "the internet", "tides", "earthquakes",
-          "the immune system", "solar panels", "coffee", "the French Revolution", "rainbows", "glaciers",
-          "how airplanes fly", "DNA", "the stock market", "coral reefs", "antibiotics", "the Great Wall of China",
-          "renewable energy", "how a refrigerator works", "the solar system", "bread baking", "the Olympic Games",
-          "machine learning", "inflation", "deserts", "the telephone", "migration of birds", "nutrition",
-          "the pyramids of Egypt", "magnets", "clouds", "friendship", "public libraries", "time zones",
-          "the piano", "chess", "gardening", "rivers", "the metric system", "penguins", "lightning",
-          "the first moon landing", "composting", "exercise", "mountains", "the ocean", "trees", "robots"]
-
-TOPIC_TEMPLATES = ["Explain {t} in simple terms.", "Give me three interesting facts about {t}.",
-                   "Write a short paragraph about {t} for a school newsletter.",
-                   "What should a beginner know about {t}?",
-                   "Why is {t} important? Answer in a few sentences.", "Write a short poem about {t}.",
-                   "Describe {t} to a ten-year-old.", "List the pros and cons of {t}."]
-
-QUOTE_TEMPLATES = ["What does this quote mean?\n\n{q}", "Summarize the following in one sentence:\n\n{q}",
-                   "Translate into French:\n\n{q}", "Translate into Spanish:\n\n{q}", "Translate into German:\n\n{q}",
-                   "Rewrite this in plain, simple English:\n\n{q}", "Write a short story that begins with:\n\n{q}",
-                   "Do you agree with this? Explain briefly.\n\n{q}"]
-
-PASSAGE_TEMPLATES = ["Summarize the following passage in a few sentences:\n\n{p}",
-                     "Explain this passage to a beginner:\n\n{p}",
-                     "{p}\n\nBased on the text above, what is the main point?",
-                     "Read the text and list its key points:\n\n{p}"]
-
-MODULE_TEMPLATES = ["What is the Python module `{m}` used for? Give a short example.",
-                    "Write a short Python program that uses the `{m}` module.",
-                    "Explain when I would use Python's `{m}` module."]
-
-MATH_TEMPLATES = [
-    "A shop sells pencils for ${a} each. Sam buys {b} pencils and pays with a ${c} bill. How much change does he get?",
-    "A train travels {a} km in {b} hours. What is its average speed? Show your steps.",
-    "What is {a} times {b}? Explain how you got the answer.",
-    "Anna has {a} apples. She gives {b} to her friend and buys {c} more. How many apples does she have now?",
-    "A rectangle is {a} cm long and {b} cm wide. What are its area and perimeter?",
-    "If {b} workers build a wall in {a} days, how long would {c} workers take at the same pace?",
-    "Solve for x: {b}x + {a} = {c}.",
-    "A recipe needs {a} grams of flour for {b} cookies. How much flour is needed for {c} cookies?"]
-
-
-def build_prompts(corpus_dir: Path, downloads: Path, count: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    chat, quotes, passages = [], [], []
-    for line in open(corpus_dir / "train.jsonl", encoding="utf-8"):
-        record = json.loads(line)
-        if "messages" in record:
-            first = record["messages"][0]["content"].strip()
-            if 20 <= len(first) <= 400:
-                chat.append(first)
-        elif record.get("text"):
-            text = record["text"].strip()
-            if 40 <= len(text) <= 300 and text.count("\n") < 6:
-                quotes.append(text)  # fortunes: short quotes, not reST pages
-            elif len(text) > 2000:
-                paragraphs = [p.strip() for p in text.split("\n\n") if 300 <= len(p.strip()) <= 900
-                              and not p.lstrip().startswith(("..", ":", "*", "=", "-", ">>>"))]
-                passages += paragraphs
-    library = downloads / "python3.11-doc/usr/share/doc/python3.11/html/_sources/library"
-    modules = sorted(p.name.removesuffix(".rst.txt") for p in library.glob("*.rst.txt")
-                     if not p.name.startswith(("_", "index")))
-    kinds = [
-        lambda: rng.choice(chat),
-        lambda: rng.choice(TOPIC_TEMPLATES).format(t=rng.choice(TOPICS)),
-        lambda: rng.choice(QUOTE_TEMPLATES).format(q=rng.choice(quotes)),
-        lambda: rng.choice(PASSAGE_TEMPLATES).format(p=rng.choice(passages)),
-        lambda: rng.choice(MODULE_TEMPLATES).format(m=rng.choice(modules)),
-        lambda: rng.choice(MATH_TEMPLATES).format(a=rng.randint(2, 90), b=rng.randint(2, 12), c=rng.randint(20, 200)),
-    ]
-    weights = [3, 2, 2, 2, 1, 2]
-    prompts, seen = [], set()
-    while len(prompts) < count:
-        prompt = rng.choices(kinds, weights)[0]()
-        if prompt not in seen:
-            seen.add(prompt)
-            prompts.append(prompt)
-    return prompts
-
+import instructions  # noqa: E402  (recipes/, beside this script)
 
 def generate(prompts: list[str], out: Path, max_new_tokens: int, batch_size: int, model_name: str | None) -> None:
     import torch
@@ -171,7 +89,7 @@ def main() -> None:
     if not (args.corpus / "train.jsonl").exists():
         sys.exit(f"error: {args.corpus}/train.jsonl not found: run recipes/build_corpus.py first")
     args.output.mkdir(parents=True, exist_ok=True)
-    prompts = build_prompts(args.corpus, args.downloads, args.prompts, args.seed)
+    prompts = instructions.build(args.corpus, args.downloads, args.prompts, args.seed)
     partial = args.output / "answers.jsonl.partial"
     if not args.split_only:
         generate(prompts, partial, args.max_new_tokens, args.batch_size, args.model)
