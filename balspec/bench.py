@@ -94,6 +94,10 @@ class CostModel:
     cycle_s: float
     bound: float
     efficiency: float  # measured speedup / bound
+    # the per-draft acceptance a chain of round(draft_len) drafts would need, at these pass costs, for the bound to
+    # reach 1.0x and 1.5x (each draft accepted with the same probability; None: out of reach even at 1.0)
+    acceptance_for_parity: float | None = None
+    acceptance_for_1_5x: float | None = None
 
 
 @dataclass
@@ -338,8 +342,25 @@ def model_costs(bm, prompt_ids: list[int], setting: Setting, summary: Summary, r
     cycle_s = k_mean * costs["draft_step_s"] + costs["verify_s"]
     bound = summary.mean_accepted_length * costs["full_step_s"] / cycle_s
     efficiency = summary.speedup / bound if summary.speedup is not None else math.nan
+    needed = [acceptance_needed(target, k, costs["full_step_s"], k * costs["draft_step_s"] + costs["verify_s"])
+              for target in (1.0, 1.5)]
     return CostModel(k_mean, setting.draft_width, costs["full_step_s"], costs["draft_step_s"], costs["verify_s"],
-                     cycle_s, bound, efficiency)
+                     cycle_s, bound, efficiency, *needed)
+
+
+def acceptance_needed(speedup: float, k: int, full_step_s: float, cycle_s: float) -> float | None:
+    """The acceptance alpha at which k drafts per cycle reach `speedup`: tau(alpha) * c_full / T = speedup, with
+    tau = 1 + alpha + .. + alpha^k tokens per cycle. None when even alpha = 1 falls short."""
+    def bound(alpha: float) -> float:
+        return sum(alpha ** i for i in range(k + 1)) * full_step_s / cycle_s
+
+    if bound(1.0) < speedup:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(40):  # bound() grows with alpha: bisect
+        mid = (low + high) / 2
+        low, high = (mid, high) if bound(mid) < speedup else (low, mid)
+    return high
 
 
 def describe(bm, prompt_set: PromptSet, opts: BenchOptions, command: str, exits_checkpoint: str | None) -> dict:

@@ -58,9 +58,9 @@ def print_tables(report: BenchReport, console=None) -> None:
                         f"{meta['prompts']['count']} prompts ({meta['prompts']['source']}), "
                         f"<= {meta['max_new_tokens']} new tokens, temperature {meta['temperature']}")
     for name in ("mode", "exit", "k", "w", "accept", "tau", "hist (cycles by accepted 0..k)", "tok/s", "speedup",
-                 "bound", "eff", "mismatch"):
+                 "bound", "eff", "accept for 1.5x", "mismatch"):
         table.add_column(name, justify="left" if name.startswith(("mode", "hist")) else "right")
-    table.add_row("full (baseline)", "", "", "", "", "", "", f"{base.tokens_per_second:.1f}", "1.00x", "", "", "")
+    table.add_row("full (baseline)", "", "", "", "", "", "", f"{base.tokens_per_second:.1f}", "1.00x", "", "", "", "")
     for r in report.results:
         s, c = r.summary, r.cost_model
         mismatch = "" if s.greedy_mismatches is None else str(s.greedy_mismatches)
@@ -71,7 +71,7 @@ def print_tables(report: BenchReport, console=None) -> None:
                       _num(s.acceptance_rate, "{:.2f}"), _num(s.mean_accepted_length, "{:.2f}"),
                       _hist(s.accepted_hist), f"{s.tokens_per_second:.1f}", _num(s.speedup, "{:.2f}x"),
                       _num(c.bound if c else None, "{:.2f}x"), _num(c.efficiency if c else None, "{:.0%}"),
-                      mismatch)
+                      _needed(c), mismatch)
     console.print(table)
     categories = list(report.baseline.per_category)
     if len(categories) > 1:
@@ -172,6 +172,13 @@ def _hist(hist: list[int] | None) -> str:
 
 def _num(x: float | None, fmt: str) -> str:
     return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
+
+
+def _needed(cost) -> str:
+    """The acceptance a setting's chain would need for 1.5x at its measured pass costs; "-" when out of reach."""
+    if cost is None:
+        return ""
+    return "-" if cost.acceptance_for_1_5x is None else f"{cost.acceptance_for_1_5x:.2f}"
 
 
 def _text(x) -> str:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from balspec.bench import BenchOptions, parse_draft_lens, parse_peers, run_bench
+from balspec.bench import BenchOptions, acceptance_needed, parse_draft_lens, parse_peers, run_bench
 from balspec.errors import BalspecError
 from balspec.exits import attach_exits, save_exits
 from balspec.generate import BalconyModel
@@ -87,7 +87,8 @@ def test_json_document_has_the_schema(report):
     for r in doc["results"]:
         assert RESULT_KEYS <= set(r)
     spec = [r for r in doc["results"] if r["mode"] == "speculative"]
-    assert {"full_step_s", "draft_step_s", "verify_s", "bound", "efficiency"} <= set(spec[0]["cost_model"])
+    assert {"full_step_s", "draft_step_s", "verify_s", "bound", "efficiency", "acceptance_for_parity",
+            "acceptance_for_1_5x"} <= set(spec[0]["cost_model"])
 
 
 def test_json_turns_nan_into_null(report):
@@ -224,3 +225,13 @@ def test_draft_widths_parse_and_refuse_sampling():
             parse_draft_widths(bad)
     with pytest.raises(BalspecError, match="needs greedy decoding"):
         parse_draft_widths("1,3", temperature=0.7)
+
+
+def test_acceptance_needed_inverts_the_cost_model():
+    # full step 30 ms; a cycle of k = 2 drafts costs 2 * 8 + 32 = 48 ms: tau must reach 48 / 30 * speedup
+    alpha = acceptance_needed(1.0, 2, 0.030, 0.048)
+    assert abs((1 + alpha + alpha ** 2) - 1.6) < 1e-6
+    alpha = acceptance_needed(1.5, 2, 0.030, 0.048)
+    assert abs((1 + alpha + alpha ** 2) - 2.4) < 1e-6
+    assert acceptance_needed(1.0, 1, 0.030, 0.020) < 1e-6  # a cycle cheaper than a step pays at any acceptance
+    assert acceptance_needed(1.5, 1, 0.030, 0.048) is None  # 2 tokens per 48 ms: at most 1.25x
