@@ -9,6 +9,12 @@ model still verifies over the whole vocabulary), with its coverage of held-out a
         --draft-vocab 8192 --vocab-data data/self/train.jsonl=20 data/corpus/train.jsonl \
         --vocab-heldout data/self/heldout.jsonl --stage data/stage1-exits/balspec.json
 
+A third stage on top of the shipped exits (their own earlier stages are recorded before them):
+
+    python recipes/package_default_exits.py runs/answer-exits --output runs/stage3-exits --draft-vocab 8192 \
+        --vocab-data data/self3/train.jsonl=20 data/corpus/train.jsonl --vocab-heldout data/self3/heldout.jsonl \
+        --stage runs/stage2-exits/balspec.json
+
 Only new defaults for the exits already shipped (weights, draft vocabulary and training record kept):
 
     python recipes/package_default_exits.py balspec/default_exits \
@@ -78,6 +84,16 @@ def draft_vocabulary(tokenizer, vocab_size: int, size: int, data: list[str], hel
     return ids, info
 
 
+def earlier_stages(paths: list[str]) -> list[dict]:
+    """The training records of earlier stages, oldest first: a stage's own earlier stages come before it."""
+    stages = []
+    for path in paths:
+        training = dict(json.loads(Path(path).read_text()).get("training") or {})
+        stages += training.pop("earlier_stages", [])
+        stages.append(training)
+    return stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="exits checkpoint directory written by balspec train")
@@ -101,8 +117,7 @@ def main() -> None:
         print(f"draft vocabulary: {args.draft_vocab} tokens, {info['heldout_coverage']:.1%} of held-out answers")
     training = meta.get("training") or {}
     if args.stage:
-        training = {**training, "earlier_stages": [json.loads(Path(p).read_text()).get("training", {})
-                                                   for p in args.stage]}
+        training = {**training, "earlier_stages": earlier_stages(args.stage)}
     save_exits(exits, model, args.output, dtype=torch.bfloat16, training=training, defaults=defaults,
                draft_vocab_info=info)
     print(args.output)
