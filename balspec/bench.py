@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import platform
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 from balspec import skinny
 from balspec.errors import BalspecError
 from balspec.exits import validate_exits
+from balspec.models import device_name
 from balspec.prompts import Prompt, PromptSet
 from balspec.speculative import pass_costs, sync_device
 
@@ -382,8 +382,3 @@ def describe(bm, prompt_set: PromptSet, opts: BenchOptions, command: str, exits_
             "peer_draft_len": peer_draft_len(opts) if opts.peers else None, "command": command}
 
 
-def device_name(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} ({device})"
-    return f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"

@@ -40,9 +40,10 @@ def describe_checkpoint(path: str | Path, model=None) -> dict:
     per_exit: dict[str, int] = {}
     try:
         with safe_open(weights, "pt") as f:  # the header only: shapes, no tensor data
-            for key in f.keys():  # "balconies.<exit>.layers.0.mlp.up_proj.weight"
-                exit_layer = key.split(".")[1]
-                per_exit[exit_layer] = per_exit.get(exit_layer, 0) + math.prod(f.get_slice(key).get_shape())
+            for key in f.keys():  # "balconies.<exit>.layers.0.mlp.up_proj.weight", or the draft vocabulary's ids
+                if key.startswith("balconies."):
+                    exit_layer = key.split(".")[1]
+                    per_exit[exit_layer] = per_exit.get(exit_layer, 0) + math.prod(f.get_slice(key).get_shape())
     except Exception as e:  # safetensors raises its own error types for damaged headers
         raise BalspecError(f"{weights} is corrupt: {e}") from None
     return {"path": str(path),
@@ -59,6 +60,8 @@ def describe_checkpoint(path: str | Path, model=None) -> dict:
             "parameters_total": sum(per_exit.values()),
             "size_bytes": weights.stat().st_size,
             "checksum_ok": sha256_file(weights) == meta.get("weights_sha256"),
+            "draft_vocab": meta.get("draft_vocab"),
+            "defaults": json_safe(meta.get("defaults") or {}),
             "training": json_safe(meta.get("training") or {})}
 
 
@@ -86,13 +89,24 @@ def render_table(info: dict):
             ("parameters, total", f"{info['parameters_total']:,}"),
             ("size", f"{info['size_bytes'] / 2**20:.1f} MiB"),
             ("checksum", "ok" if info["checksum_ok"] else "MISMATCH: the weights file is damaged"),
+            ("draft vocabulary", _draft_vocab(info["draft_vocab"])),
             ("balspec version", info["balspec_version"])]
+    rows += [(f"defaults.{k}", v) for k, v in _flatten(info["defaults"])]
     rows += [(f"training.{k}", v) for k, v in _flatten(info["training"])] or [("training", "no summary recorded")]
     for name, value in rows:
         text = str(value)
         # Text, not markup: a value such as "[cosine]" must print as it is
         table.add_row(name, Text(text if len(text) <= 100 else text[:97] + "..."))  # a loss curve, say
     return table
+
+
+def _draft_vocab(meta: dict | None) -> str:
+    if not meta:
+        return "none (drafts score the whole vocabulary)"
+    text = f"{meta['size']:,} tokens"
+    if meta.get("heldout_coverage") is not None:
+        text += f", {100 * meta['heldout_coverage']:.1f}% of held-out answer tokens"
+    return text
 
 
 def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:

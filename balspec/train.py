@@ -37,7 +37,7 @@ from balspec.data import Batch, load_blocks
 from balspec.errors import BalspecError
 from balspec.exits import Exits, attach_exits, init_exits_from, model_parts, read_meta, save_exits
 from balspec.loss import Distiller, ExitLosses, next_token_labels, teacher_forward
-from balspec.models import load_model
+from balspec.models import device_name, load_model
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -291,11 +291,8 @@ def gathered_exits(accelerator, distiller, model, c: TrainingConfig) -> Exits | 
 def training_record(config: TrainingConfig, progress: RunProgress, accelerator, data: dict, eval_metrics: dict,
                     resumed_at: int | None) -> dict:
     """The `training` field of balspec.json: what was trained, on what, how long and how fast."""
-    device = f"cpu ({torch.get_num_threads()} threads)"
-    if accelerator.device.type != "cpu":
-        device = str(accelerator.device)
+    device = device_name(accelerator.device)
     if accelerator.device.type == "cuda":
-        device += f" ({torch.cuda.get_device_name(accelerator.device)})"
         peak_mb = torch.cuda.max_memory_allocated(accelerator.device) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 import balspec
+from balspec.models import device_name
 from balspec.prompts import load_prompts
 
 WIDTHS = (1, 2, 3, 4)
@@ -59,7 +59,7 @@ def main() -> None:
         print(f"exit {e:2d}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
     print(f"{positions} answer positions", file=sys.stderr)
     if args.output:
-        doc = {"command": shlex.join(["python", *sys.argv]), "device": f"cpu ({platform.machine()})",
+        doc = {"command": shlex.join(["python", *sys.argv]), "device": device_name(bm.device),
                "exits_path": args.exits_path or "shipped", "positions": positions, "agreement": table}
         Path(args.output).write_text(json.dumps(doc, indent=2) + "\n")
 

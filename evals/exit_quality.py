@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
     import transformers
 
     from balspec import __version__
-    from balspec.bench import device_name
+    from balspec.models import device_name
 
     name = model.config._name_or_path
     doc = {"meta": {"device": device_name(device), "dtype": args.dtype, "model": name,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import balspec
 from balspec import skinny
 from balspec.layers import decoder_layer
+from balspec.models import device_name
 
 PROMPT = "Explain in three sentences why the sky is blue."
 
@@ -70,7 +70,7 @@ def main() -> None:
     if args.output:
         doc = {"command": "python evals/layer_forward.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()
                                                                        if v is not None),
-               "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+               "device": device_name("cpu"),
                "skinny_matmul": engine.skinny, "median_ms_per_step": medians}
         Path(args.output).write_text(json.dumps(doc, indent=2) + "\n")
 

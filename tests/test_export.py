@@ -226,6 +226,37 @@ def test_cli_info_table(home):
         assert text in result.stdout
 
 
+def test_info_on_exits_with_a_draft_vocabulary(tmp_path):
+    # The reduced draft head's token ids live in exits.safetensors beside the balconies: not an exit's weights.
+    from balspec.info import describe_checkpoint, render_table
+
+    model = tiny_model()
+    exits = attach_exits(model, [2])
+    exits.draft_vocab = torch.tensor([5, 1, 9, 3])
+    path = save_exits(exits, model, tmp_path / "vocab", draft_vocab_info={"heldout_coverage": 0.5})
+    info = describe_checkpoint(path, model)
+    assert info["parameters_per_exit"] == {"2": exits.num_parameters(2)}
+    assert info["parameters_total"] == exits.num_parameters(2)
+    assert info["draft_vocab"] == {"size": 4, "heldout_coverage": 0.5} and info["checksum_ok"]
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(render_table(info))
+    assert "4 tokens, 50.0% of held-out answer tokens" in console.export_text()
+
+
+@pytest.mark.integration
+def test_info_on_the_shipped_exits():
+    from balspec.generate import default_exits_path
+    from balspec.info import describe_checkpoint
+
+    info = describe_checkpoint(default_exits_path(None))
+    assert info["checksum_ok"] and info["draft_vocab"]["size"] == 8192
+    assert set(info["parameters_per_exit"]) == {str(e) for e in info["exits"]} >= {"8", "12", "16"}
+    assert all(n > 0 for n in info["parameters_per_exit"].values())
+    assert info["defaults"]["mode"] in ("full", "speculative") and info["training"]["steps"] > 0
+
+
 @pytest.mark.parametrize("case", ["missing exit", "output not empty", "other base (export)", "other base (info)",
                                   "no shipped exits"])
 def test_cli_errors_are_one_line(case, home, tmp_path, monkeypatch, capsys):
