@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from balspec.errors import BalspecError
-from balspec.exits import WEIGHTS_FILE, check_base, read_meta, sha256_file
+from balspec.exits import DRAFT_VOCAB_KEY, WEIGHTS_FILE, check_base, read_meta, sha256_file
 from balspec.report import json_safe
 
 
@@ -40,10 +40,11 @@ def describe_checkpoint(path: str | Path, model=None) -> dict:
     per_exit: dict[str, int] = {}
     try:
         with safe_open(weights, "pt") as f:  # the header only: shapes, no tensor data
-            for key in f.keys():  # "balconies.<exit>.layers.0.mlp.up_proj.weight", or the draft vocabulary's ids
-                if key.startswith("balconies."):
-                    exit_layer = key.split(".")[1]
-                    per_exit[exit_layer] = per_exit.get(exit_layer, 0) + math.prod(f.get_slice(key).get_shape())
+            for key in f.keys():  # "balconies.<exit>.layers.0.mlp.up_proj.weight"
+                if key == DRAFT_VOCAB_KEY:  # token ids of the reduced draft head, not an exit's weights
+                    continue
+                exit_layer = key.split(".")[1]
+                per_exit[exit_layer] = per_exit.get(exit_layer, 0) + math.prod(f.get_slice(key).get_shape())
     except Exception as e:  # safetensors raises its own error types for damaged headers
         raise BalspecError(f"{weights} is corrupt: {e}") from None
     return {"path": str(path),

@@ -117,12 +117,14 @@ def default_device() -> str:
 
 
 def device_name(device) -> str:
-    """What a result was measured or trained on, for reports and balspec.json: the GPU's name, or the CPU's
-    model and the threads torch uses."""
+    """What a result was measured or trained on, for reports and balspec.json: the GPU's name, the CPU's model
+    and the threads torch uses, or (another accelerator) the device itself."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} ({device})"
-    return f"{device.type} ({_cpu_model()}, {torch.get_num_threads()} threads)"
+    if device.type == "cpu":
+        return f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads)"
+    return str(device)
 
 
 def _cpu_model() -> str:

@@ -228,6 +228,8 @@ def test_cli_info_table(home):
 
 def test_info_on_exits_with_a_draft_vocabulary(tmp_path):
     # The reduced draft head's token ids live in exits.safetensors beside the balconies: not an exit's weights.
+    from rich.console import Console
+
     from balspec.info import describe_checkpoint, render_table
 
     model = tiny_model()
@@ -238,8 +240,6 @@ def test_info_on_exits_with_a_draft_vocabulary(tmp_path):
     assert info["parameters_per_exit"] == {"2": exits.num_parameters(2)}
     assert info["parameters_total"] == exits.num_parameters(2)
     assert info["draft_vocab"] == {"size": 4, "heldout_coverage": 0.5} and info["checksum_ok"]
-    from rich.console import Console
-
     console = Console(record=True, width=200)
     console.print(render_table(info))
     assert "4 tokens, 50.0% of held-out answer tokens" in console.export_text()
