@@ -177,12 +177,14 @@ def check_options(bm, opts: BenchOptions) -> None:
         raise BalspecError(f"--warmup must be >= 0, got {opts.warmup}")
 
 
-def settings(opts: BenchOptions) -> list[Setting]:
-    """Baseline first, then speculative per exit and draft length, early-exit per exit, peers."""
+def settings(opts: BenchOptions, sub_model_exits: list[int]) -> list[Setting]:
+    """Baseline first, then speculative per exit and draft length, early-exit per exit that has a sub-model
+    (a draft-kind exit has none), peers."""
     out = [Setting("full", "full")]
     out += [Setting("speculative", "speculative", e, k, w) for e in opts.exits for k in opts.draft_lens
             for w in opts.draft_widths]
-    out += [Setting("early-exit", "early-exit", e) for e in opts.exits] if opts.early_exit else []
+    out += [Setting("early-exit", "early-exit", e) for e in opts.exits if e in sub_model_exits] \
+        if opts.early_exit else []
     k = peer_draft_len(opts)
     for peer in opts.peers:
         if peer == "hf":
@@ -203,7 +205,7 @@ def run_bench(bm, prompt_set: PromptSet, opts: BenchOptions, command: str = "", 
               on_step: Callable[[int, int, str], None] | None = None) -> BenchReport:
     """Decode every prompt under every setting; on_step(done, total, label) reports progress."""
     check_options(bm, opts)
-    plan = settings(opts)
+    plan = settings(opts, bm.exit_modules.sub_model_exits)
     ids = [bm.encode(p.text) for p in prompt_set.prompts]
     total = len(plan) * (opts.warmup + len(ids)) + sum(s.mode == "speculative" for s in plan)
     done = 0
@@ -376,7 +378,8 @@ def describe(bm, prompt_set: PromptSet, opts: BenchOptions, command: str, exits_
             "versions": {"balspec": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
             "prompts": {"source": prompt_set.source, "count": len(prompt_set.prompts),
                         "categories": prompt_set.categories},
-            "exits": opts.exits, "draft_lens": opts.draft_lens, "draft_widths": opts.draft_widths,
+            "exits": opts.exits, "exit_kinds": {str(e): bm.exit_modules.kinds[e] for e in opts.exits},
+            "draft_lens": opts.draft_lens, "draft_widths": opts.draft_widths,
             "max_new_tokens": opts.max_new_tokens,
             "temperature": opts.temperature, "seed": opts.seed, "warmup": opts.warmup, "eos": opts.eos,
             "peer_draft_len": peer_draft_len(opts) if opts.peers else None, "command": command}

@@ -44,6 +44,12 @@ class ExitsConfig:
     """Balcony layers start as a copy of the base's "last" decoder layer (paper) or "random"."""
     balcony_layers: int = 1
     """Decoder layers per balcony (the paper uses one)."""
+    draft: list[int] = field(default_factory=list)
+    """Exits among `layers` that are of the draft kind (DESIGN.md 3b): a one-layer balcony that also reads the
+    full model's final states of verified positions. Faster to draft with, but no standalone sub-model."""
+    draft_chain: int = 3
+    """Draft-kind exits: training simulates chains of up to this many drafts (each position is trained as if
+    0..draft_chain-1 drafted positions before it were not yet verified, uniformly)."""
     init_from: str | None = None
     """An exits checkpoint whose balconies start this run instead of the init above (continue training on new
     data); it must hold every exit of `layers`, with the same balcony_layers, for the same base model."""
@@ -258,6 +264,9 @@ def validate(config: TrainingConfig) -> None:
         ("exits.norm_init", c.exits.norm_init in NORM_INITS, f"one of {', '.join(NORM_INITS)}"),
         ("exits.layer_init", c.exits.layer_init in LAYER_INITS, f"one of {', '.join(LAYER_INITS)}"),
         ("exits.balcony_layers", c.exits.balcony_layers >= 1, "at least 1"),
+        ("exits.draft", set(c.exits.draft) <= set(c.exits.layers), "a subset of exits.layers"),
+        ("exits.draft", not c.exits.draft or c.exits.balcony_layers == 1, "empty when exits.balcony_layers > 1"),
+        ("exits.draft_chain", c.exits.draft_chain >= 1, "at least 1"),
         ("data.block_size", c.data.block_size >= 2, "at least 2"),
         ("data.heldout_blocks", c.data.heldout_blocks >= 0, "0 or more"),
         ("data.shuffle_buffer", c.data.shuffle_buffer >= 0, "0 or more"),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from balspec.errors import BalspecError
@@ -23,6 +24,7 @@ from balspec.errors import BalspecError
 FORMAT_VERSION = 1
 NORM_INITS = ("final", "next-input")  # copy of the final norm, or of the input norm of trunk layer e + 1
 LAYER_INITS = ("last", "random")  # copy of the base's last decoder layer (paper), or re-initialised
+KINDS = ("sub-model", "draft")  # a standalone sub-model (paper), or a verified-context draft (DESIGN.md 3b)
 WEIGHTS_FILE = "exits.safetensors"
 META_FILE = "balspec.json"
 DRAFT_VOCAB_KEY = "draft_vocab"  # int64 token ids in exits.safetensors: the reduced draft head's rows
@@ -76,20 +78,54 @@ def parse_exits(text: str) -> list[int]:
 
 
 class Balcony(nn.Module):
-    """Decoder layer(s) of the base architecture, then a norm; the LM head is the base's."""
+    """Decoder layer(s) of the base architecture, then a norm; the LM head is the base's.
 
-    def __init__(self, layers: list[nn.Module], norm: nn.Module):
+    kind "draft" (DESIGN.md 3b): a verified-context balcony. Its attention over verified positions reads
+    K/V made of the full model's final normed hidden states there (`deep`), and its input at the first
+    drafted position also gets `fuse(deep of the previous position)` (zero-initialised, so training starts
+    from the plain balcony). It has no standalone sub-model: early-exit and export refuse it.
+    """
+
+    def __init__(self, layers: list[nn.Module], norm: nn.Module, kind: str = "sub-model"):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = norm
+        self.kind = kind
+        if kind == "draft":
+            hidden = norm.weight.shape[0]
+            self.fuse = nn.Linear(hidden, hidden, bias=False)
+            nn.init.zeros_(self.fuse.weight)
 
-    def forward(self, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
-        """Hidden states of trunk layer e over a whole block -> normed balcony output, ready for the LM head.
-        Training's path (causal attention, no cache); the engine runs the layers itself (layers.py)."""
-        for layer in self.layers:
-            out = layer(hidden, position_embeddings=position_embeddings)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return self.norm(hidden)
+    def forward(self, hidden: torch.Tensor, position_embeddings, deep: torch.Tensor | None = None,
+                unverified: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of trunk layer e over a whole block [b, L, hidden] -> normed balcony output [b, L,
+        hidden], ready for the LM head. Training's path (no cache); the engine runs the layers itself.
+
+        A sub-model balcony attends causally over its own states. A draft balcony needs `deep` (the full
+        model's final normed states [b, L, hidden]) and `unverified` [b, L] (long): r, how many positions
+        before each one are drafted but not yet verified when it is drafted (0 for the first draft of a
+        cycle, i for the (i+1)-th). Position i then sees deep K/V at positions <= i - r - 1, and its own
+        inputs at i - r .. i: the one at i - r (the cycle's pending token) carries fuse(deep[i - r - 1]),
+        the later ones (drafts) carry nothing, exactly as the engine drafts a chain.
+        """
+        if self.kind == "sub-model":
+            for layer in self.layers:
+                out = layer(hidden, position_embeddings=position_embeddings)
+                hidden = out[0] if isinstance(out, tuple) else out
+            return self.norm(hidden)
+        from balspec.layers import context_layer
+
+        length = hidden.shape[1]
+        previous = F.pad(deep[:, :-1], (0, 0, 1, 0))  # deep state of position i - 1, zero at i = 0
+        pending = hidden + self.fuse(previous)  # a cycle's first drafted row: [b, L, hidden]
+        position = torch.arange(length, device=hidden.device)
+        r = torch.minimum(unverified, position)  # position 0 is always a prompt token
+        first_own = (position - r)[..., None]  # [b, L, 1]: the cycle's pending token
+        key = position.view(1, 1, -1)
+        mask = torch.cat([key < first_own, key == first_own, (key > first_own) & (key <= position[:, None])], -1)
+        query = torch.where((r == 0)[..., None], pending, hidden)
+        out = context_layer(self.layers[0], query, [deep, pending, hidden], position_embeddings, mask[:, None])
+        return self.norm(out)
 
 
 class Exits(nn.Module):
@@ -103,6 +139,7 @@ class Exits(nn.Module):
         self.norm_init = norm_init
         self.layer_init = layer_init
         self.balcony_layers = len(next(iter(balconies.values())).layers)
+        self.kinds = {e: balconies[e].kind for e in self.exits}
         self.draft_vocab: torch.Tensor | None = None  # token ids of a reduced draft head, stored with the exits
 
     def __getitem__(self, exit_layer: int) -> Balcony:
@@ -110,6 +147,17 @@ class Exits(nn.Module):
             raise BalspecError(f"--exit: exit {exit_layer} is not in the loaded checkpoint "
                                f"(it has {','.join(map(str, self.exits))})")
         return self.balconies[str(exit_layer)]
+
+    def check_sub_model(self, exit_layer: int, what: str) -> None:
+        """Refuse `what` (early-exit, export) for a draft-kind exit: it has no standalone sub-model."""
+        if self[exit_layer].kind == "draft":
+            raise BalspecError(f"--exit: exit {exit_layer} is a draft-kind exit (it reads the full model's verified "
+                               f"states), so it has no standalone sub-model for {what}; use it with --mode "
+                               f"speculative, or pick a sub-model exit ({','.join(map(str, self.sub_model_exits))})")
+
+    @property
+    def sub_model_exits(self) -> list[int]:
+        return [e for e in self.exits if self.kinds[e] == "sub-model"]
 
     def cache_slots(self, exit_layer: int) -> list[int]:
         """KV-cache slots of this exit's balcony layers; slots 0..N-1 belong to the trunk."""
@@ -125,8 +173,9 @@ class Exits(nn.Module):
 
 
 def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", layer_init: str = "last",
-                 balcony_layers: int = 1, seed: int = 0) -> Exits:
-    """Build balconies for `exits` on a frozen `model`, initialised from its own weights."""
+                 balcony_layers: int = 1, seed: int = 0, draft_exits: list[int] = ()) -> Exits:
+    """Build balconies for `exits` on a frozen `model`, initialised from its own weights; those in
+    `draft_exits` are of the draft kind (verified-context, one layer)."""
     parts = model_parts(model)
     exits = validate_exits(list(exits), parts.num_layers)
     if norm_init not in NORM_INITS:
@@ -135,6 +184,10 @@ def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", l
         raise BalspecError(f"exits.layer_init: {layer_init!r} is not one of {', '.join(LAYER_INITS)}")
     if balcony_layers < 1:
         raise BalspecError("exits.balcony_layers: must be at least 1")
+    if draft_exits and balcony_layers != 1:
+        raise BalspecError("exits.balcony_layers: a draft-kind exit has exactly one balcony layer")
+    if set(draft_exits) - set(exits):
+        raise BalspecError(f"draft exits {sorted(set(draft_exits) - set(exits))} are not among the exits {exits}")
     generator = torch.Generator().manual_seed(seed)
     balconies = {}
     for e in exits:
@@ -143,7 +196,7 @@ def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", l
             for layer in layers:
                 _reinit(layer, model.config, generator)
         source_norm = parts.norm if norm_init == "final" else parts.layers[e].input_layernorm
-        balconies[e] = Balcony(layers, copy.deepcopy(source_norm))
+        balconies[e] = Balcony(layers, copy.deepcopy(source_norm), "draft" if e in draft_exits else "sub-model")
     out = Exits(balconies, parts.num_layers, norm_init, layer_init)
     for e in exits:  # a deep copy keeps the last trunk layer's cache slot: give each balcony its own
         for layer, slot in zip(out[e].layers, out.cache_slots(e)):
@@ -212,6 +265,7 @@ def save_exits(exits: Exits, model: nn.Module, path: str | Path, dtype: torch.dt
     meta = {"format_version": FORMAT_VERSION, "balspec_version": __version__,
             "base_model": base_model_info(model), "exits": exits.exits, "norm_init": exits.norm_init,
             "layer_init": exits.layer_init, "balcony_layers": exits.balcony_layers,
+            "kinds": {str(e): kind for e, kind in exits.kinds.items()},
             "dtype": str(weights_dtype).replace("torch.", ""),
             "weights_sha256": sha256_file(weights_tmp), "training": training or {}}
     if defaults:
@@ -266,8 +320,11 @@ def load_exits(model: nn.Module, path: str | Path) -> tuple[Exits, dict]:
         tensors = load_file(path / WEIGHTS_FILE)
     except Exception as e:  # safetensors raises its own error types for damaged headers
         raise BalspecError(f"{path / WEIGHTS_FILE} is corrupt: {e}") from None
+    kinds = meta.get("kinds", {})
+    if not isinstance(kinds, dict) or any(k not in map(str, meta["exits"]) or v not in KINDS for k, v in kinds.items()):
+        raise BalspecError(f"{path / META_FILE} is corrupt: kinds must map exits to one of {', '.join(KINDS)}")
     exits = attach_exits(model, meta["exits"], meta.get("norm_init", "final"), "last",
-                         meta.get("balcony_layers", 1))
+                         meta.get("balcony_layers", 1), draft_exits=[int(e) for e, v in kinds.items() if v == "draft"])
     exits.layer_init = meta.get("layer_init", "last")
     draft_vocab = tensors.pop(DRAFT_VOCAB_KEY, None)
     if draft_vocab is not None:
@@ -299,20 +356,25 @@ def frequent_tokens(sequences, vocab_size: int, size: int) -> tuple[torch.Tensor
 
 
 def init_exits_from(exits: Exits, model: nn.Module, path: str | Path) -> None:
-    """Copy the balconies of `exits` from the checkpoint at `path` (exits.init_from), keeping their dtype."""
+    """Copy the balconies of `exits` from the checkpoint at `path` (exits.init_from), keeping their dtype. A
+    draft exit may start from a sub-model balcony (its layer and norm; `fuse` stays zero)."""
     source, meta = load_exits(model, path)
     where = f"exits.init_from: {path}"
     missing = [e for e in exits.exits if e not in source.exits]
     if missing:
         raise BalspecError(f"{where} has no exit {','.join(map(str, missing))} (it has "
                            f"{','.join(map(str, source.exits))})")
+    kinds = [e for e in exits.exits if source.kinds[e] == "draft" and exits.kinds[e] == "sub-model"]
+    if kinds:
+        raise BalspecError(f"{where}: exit {kinds[0]} is a draft exit there, a sub-model exit in this run")
     if source.balcony_layers != exits.balcony_layers:
         raise BalspecError(f"{where} has {source.balcony_layers}-layer balconies, this run "
                            f"{exits.balcony_layers}-layer ones")
     with torch.no_grad():
         for e in exits.exits:
-            for target, value in zip(exits[e].state_dict().values(), source[e].state_dict().values()):
-                target.copy_(value)
+            target = exits[e].state_dict()
+            for name, value in source[e].state_dict().items():
+                target[name].copy_(value)
 
 
 def _temp_in(directory: Path, name: str) -> str:

@@ -41,6 +41,7 @@ def build_submodel(model: nn.Module, exits: Exits, exit_layer: int) -> nn.Module
     """The sub-model of `exit_layer` as a causal LM of the base's class. It shares the trunk, embedding,
     head and norm with `model` and `exits` (no copy); only the balcony layers are copied, to renumber them."""
     parts = model_parts(model)
+    exits.check_sub_model(exit_layer, "export")
     balcony = exits[exit_layer]
     config = submodel_config(model.config, exit_layer, exits.balcony_layers)
     with torch.device("meta"):  # every module is replaced by a real one below: allocate nothing

@@ -208,6 +208,8 @@ class BalconyModel:
             raise BalspecError(f"--mode {mode} needs exits: pass --exits-path (train them with `balspec train`)")
         exit_layer = exit_layer if exit_layer is not None else self.defaults["exit"]
         self.exit_modules[exit_layer]  # raises a clear error for an exit the checkpoint lacks
+        if mode == "early-exit":
+            self.exit_modules.check_sub_model(exit_layer, "--mode early-exit")
         return exit_layer
 
     def _check_draft_len(self, mode: str, draft_len: int | str | None) -> tuple[int, bool]:

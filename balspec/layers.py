@@ -44,23 +44,63 @@ def decoder_layer(layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tens
     rope: cos, sin [1, q, head_dim] at the rows' positions; mask: bool [1, 1, q, cached + q] or None for
     a row that may see everything cached (one new token).
     """
-    attn, mlp = layer.self_attn, layer.mlp
+    attn = layer.self_attn
     x = rms_norm(layer.input_layernorm, hidden)
-    q_len = x.shape[1]
-    shape = (1, q_len, -1, attn.head_dim)
-    query = project(linear, attn.q_proj, x).view(shape)  # [1, q, heads, head_dim]
+    key, value = cache.update(*_key_value(attn, x, rope, linear), attn.layer_idx)  # [1, kv_heads, cached + q, head_dim]
+    return _attend_and_mlp(layer, hidden, _query(attn, x, rope, linear), key, value, mask, linear)
+
+
+def key_value(layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+              linear: Linear = F.linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values [b, kv_heads, q, head_dim] the layer's attention makes of `hidden` [b, q, hidden]
+    at the rope positions, written nowhere: a verified-context balcony's K/V of verified positions."""
+    return _key_value(layer.self_attn, rms_norm(layer.input_layernorm, hidden), rope, linear)
+
+
+def context_layer(layer: nn.Module, hidden: torch.Tensor, context: list[torch.Tensor],
+                  rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The layer on `hidden` [b, q, hidden] whose attention reads keys and values made of other hidden
+    states: `context`, a list of [b, q, hidden] at the same positions, concatenated along the key axis.
+    mask: bool [b, 1, q, len(context) * q]. Training's path for verified-context balconies (autograd, no
+    cache): each position sees the full model's states of the positions it treats as verified and the
+    balcony's own inputs of the rest."""
+    kv = [key_value(layer, c, rope) for c in context]
+    key, value = torch.cat([k for k, _ in kv], 2), torch.cat([v for _, v in kv], 2)  # [b, kv_heads, n * q, head_dim]
+    attn = layer.self_attn
+    return _attend_and_mlp(layer, hidden, _query(attn, rms_norm(layer.input_layernorm, hidden), rope, F.linear),
+                           key, value, mask, F.linear)
+
+
+def _rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    cos, sin = rope[0][:, None], rope[1][:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+def _query(attn: nn.Module, x: torch.Tensor, rope, linear: Linear) -> torch.Tensor:
+    """Normed input [b, q, hidden] -> rotated queries [b, heads, q, head_dim]."""
+    query = project(linear, attn.q_proj, x).view(*x.shape[:2], -1, attn.head_dim)  # [b, q, heads, head_dim]
+    if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotation
+        query = rms_norm(attn.q_norm, query)
+    return _rotate(query.transpose(1, 2), rope)
+
+
+def _key_value(attn: nn.Module, x: torch.Tensor, rope, linear: Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normed input [b, q, hidden] -> rotated keys and values [b, kv_heads, q, head_dim]."""
+    shape = (*x.shape[:2], -1, attn.head_dim)
     key = project(linear, attn.k_proj, x).view(shape)
     value = project(linear, attn.v_proj, x).view(shape).transpose(1, 2)
-    if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotation
-        query, key = rms_norm(attn.q_norm, query), rms_norm(attn.k_norm, key)
-    query, key = query.transpose(1, 2), key.transpose(1, 2)  # [1, heads, q, head_dim]
-    cos, sin = rope[0][:, None], rope[1][:, None]
-    query = query * cos + rotate_half(query) * sin
-    key = key * cos + rotate_half(key) * sin
-    key, value = cache.update(key, value, attn.layer_idx)  # [1, kv_heads, cached + q, head_dim]
+    if hasattr(attn, "k_norm"):
+        key = rms_norm(attn.k_norm, key)
+    return _rotate(key.transpose(1, 2), rope), value
+
+
+def _attend_and_mlp(layer: nn.Module, hidden: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, mask: torch.Tensor | None, linear: Linear) -> torch.Tensor:
+    """Attention of `query` over key/value, o projection and residual, then the gated MLP and residual."""
+    attn, mlp = layer.self_attn, layer.mlp
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scaling,
                                          enable_gqa=query.shape[1] != key.shape[1])
-    hidden = hidden + project(linear, attn.o_proj, out.transpose(1, 2).reshape(1, q_len, -1))
+    hidden = hidden + project(linear, attn.o_proj, out.transpose(1, 2).reshape(*hidden.shape[:2], -1))
     x = rms_norm(layer.post_attention_layernorm, hidden)
     gated = mlp.act_fn(project(linear, mlp.gate_proj, x)) * project(linear, mlp.up_proj, x)
     return hidden + project(linear, mlp.down_proj, gated)

@@ -187,26 +187,40 @@ class Distiller(nn.Module):
     The frozen base model stays outside it, so DDP/FSDP/DeepSpeed wrap and shard only the balconies.
     """
 
-    def __init__(self, exits: Exits, ce_weight: float = 0.0, chunk: int = 1024, checkpointing: bool = False):
+    def __init__(self, exits: Exits, ce_weight: float = 0.0, chunk: int = 1024, checkpointing: bool = False,
+                 draft_chain: int = 1):
         super().__init__()
         self.exits = exits
         self.ce_weight, self.chunk, self.checkpointing = ce_weight, chunk, checkpointing
+        self.draft_chain = draft_chain  # draft-kind exits: r ~ uniform 0..draft_chain-1 unverified rows
         self.workspace = Workspace()
 
     def forward(self, trunk: list[torch.Tensor], position_embeddings, teacher_hidden: torch.Tensor, head: nn.Linear,
-                labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> ExitLosses:
+                labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+                first_drafts: bool = False) -> ExitLosses:
         """trunk: hidden states [batch, seq, hidden] at each exit; teacher_hidden: the final normed ones;
         loss_mask [batch, seq] bool: the positions the loss counts (None: all). The balconies run on every
-        position (each needs its context); the head and the KL only on the counted ones."""
-        normed = []
+        position (each needs its context); the head and the KL only on the counted ones.
+
+        Draft-kind exits also read teacher_hidden (the verified context) and, per position, how many drafted
+        positions precede it unverified: r drawn uniformly from 0..draft_chain-1 (torch's RNG, so a resumed
+        run draws the same), as a chain of up to draft_chain drafts meets them; first_drafts: r = 0 everywhere
+        (evaluation: every position scored as the first draft of a cycle, deterministically)."""
+        normed, unverified = [], None
         for e, h in zip(self.exits.exits, trunk):
             balcony = self.exits[e]
             h = h.to(balcony.norm.weight.dtype)
+            extra = ()
+            if balcony.kind == "draft":
+                if unverified is None:
+                    chain = 1 if first_drafts else self.draft_chain
+                    unverified = torch.randint(0, chain, h.shape[:2], device=h.device)  # [batch, seq]
+                extra = (teacher_hidden.to(h.dtype), unverified)
             if self.checkpointing and torch.is_grad_enabled():
-                out = checkpoint(balcony, h, position_embeddings, use_reentrant=False)
+                out = checkpoint(balcony, h, position_embeddings, *extra, use_reentrant=False)
             else:
-                # attention_mask None: causal SDPA over the whole block (no cache in training)
-                out = balcony(h, position_embeddings=position_embeddings)
+                # sub-model: attention_mask None, causal SDPA over the whole block (no cache in training)
+                out = balcony(h, position_embeddings, *extra)
             normed.append(out.flatten(0, 1))  # [batch * seq, hidden]
         flat_labels = labels.flatten() if labels is not None and self.ce_weight > 0 else None
         teacher = teacher_hidden.flatten(0, 1)  # [batch * seq, hidden]

@@ -15,7 +15,7 @@ import torch
 from balspec import skinny
 from balspec.cache import KVCache
 from balspec.exits import Exits, model_parts
-from balspec.layers import decoder_layer
+from balspec.layers import decoder_layer, key_value
 from balspec.sampling import Sampling, accept_greedy, accept_sampling, choose, probabilities
 
 AUTO_MAX_DRAFT = 8  # "auto" drafts until the draft is unsure, at most this many tokens
@@ -53,6 +53,8 @@ class Engine:
         self.draft_weight = weight[self.draft_vocab].contiguous() if draft_vocab is not None else None
         self.linear = skinny.few_rows_linear if self.skinny else torch.nn.functional.linear  # for every few-row product
         self.cache: KVCache | None = None
+        self.previous_deep: torch.Tensor | None = None  # draft-kind exits: final normed state [1, 1, hidden]
+        #                                                 of the position before the pending token
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._trees: dict[tuple[int, int], DraftTree] = {}
 
@@ -101,10 +103,25 @@ class Engine:
         (or over the tree rows `rows` describes)."""
         return self._through(self.parts.layers[first:last], hidden, rows or self.rows(start, hidden.shape[1]))
 
-    def run_balcony(self, exit_layer: int, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        """Balcony layers and norm of one exit on its trunk hidden states (appends the balcony's KV)."""
+    def run_balcony(self, exit_layer: int, hidden: torch.Tensor, start: int, pending: bool = False) -> torch.Tensor:
+        """Balcony layers and norm of one exit on its trunk hidden states (appends the balcony's KV).
+        pending: the row is a cycle's pending token, whose input a draft-kind balcony adds fuse(deep state of
+        the previous position) to."""
         balcony = self.exits[exit_layer]
+        if pending and balcony.kind == "draft":
+            hidden = hidden + self.linear(self.previous_deep, balcony.fuse.weight)
         return balcony.norm(self._through(balcony.layers, hidden, self.rows(start, hidden.shape[1])))
+
+    def write_deep(self, exit_layer: int, final: torch.Tensor, start: int) -> None:
+        """Draft-kind exit: make its balcony's K/V at positions start.. of the full model's final normed
+        states `final` [1, rows, hidden] of verified tokens, replacing whatever it held there."""
+        layer = self.exits[exit_layer].layers[0]
+        slot = layer.self_attn.layer_idx
+        self.cache.rollback([slot], start)
+        cos, sin = self._rope
+        rope = cos[:, start:start + final.shape[1]], sin[:, start:start + final.shape[1]]
+        self.cache.update(*key_value(layer, final, rope, self.linear), slot)
+        self.previous_deep = final[:, -1:]
 
     def _through(self, layers, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
         for layer in layers:
@@ -113,6 +130,9 @@ class Engine:
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.parts.head(self.parts.norm(hidden))  # [1, q, vocab]
+
+    def is_draft_kind(self, exit_layer: int) -> bool:
+        return self.exits[exit_layer].kind == "draft"
 
     def draft_logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Balcony output [1, 1, hidden] -> draft logits [vocab], or [draft_vocab] with a reduced head."""
@@ -146,6 +166,10 @@ class Engine:
         if mode == "full":
             return self.full_logits(self.run_layers(hidden, 0, self.num_layers, 0)[:, -1:])[0]
         exit_hidden = self.run_layers(hidden, 0, exit_layer, 0)
+        if mode == "speculative" and self.is_draft_kind(exit_layer):  # its balcony reads the verified states
+            final = self.parts.norm(self.run_layers(exit_hidden, exit_layer, self.num_layers, 0))  # [1, P, hidden]
+            self.write_deep(exit_layer, final, 0)
+            return self.parts.head(final[:, -1:])[0]
         normed = self.run_balcony(exit_layer, exit_hidden, 0)
         if mode == "early-exit":
             return self.parts.head(normed[:, -1:])[0]
@@ -167,16 +191,18 @@ class Engine:
         project's CPU a pass over four rows took 0-20% longer than over one.
         """
         e, n_layers = exit_layer, self.num_layers
+        deep = self.is_draft_kind(e)
         exit_hidden, drafts, q_rows = [], [], []
         x, dropped, siblings = token, False, None
         # 1. Draft: layers 1..e on t, d_1, .., d_{k-1} (their KV stays), then balcony_e, norm_e, head.
         #    Adaptive: a draft the exit is unsure of ends the chain. Without siblings it is dropped, not
         #    verified (the choice depends on q alone, so exactness holds; its input already ran layers 1..e
         #    and the balcony; k may be 0). With siblings it is kept: it rides in their verify rows.
+        #    A draft-kind balcony attends over the full model's states of the verified positions < start.
         for i in range(draft_len):
             h = self.run_layers(self.embed(x), 0, e, start + i)
             exit_hidden.append(h)
-            logits = self.draft_logits(self.run_balcony(e, h, start + i))
+            logits = self.draft_logits(self.run_balcony(e, h, start + i, pending=i == 0))
             d, q = self.pick_draft(logits, sampling, generator)
             if i == 0 and width > 1:
                 siblings = self.alternatives(logits, width)
@@ -199,7 +225,8 @@ class Engine:
             rows = self.rows(start, tree.size - first, tree, first)
             exit_hidden.append(self.run_layers(self.embed(torch.cat(pending, 1)), 0, e, start + first, rows))
         rows = self.rows(start, tree.size, tree)
-        p_logits = self.full_logits(self.run_layers(torch.cat(exit_hidden, 1), e, n_layers, start, rows))[0]
+        final = self.parts.norm(self.run_layers(torch.cat(exit_hidden, 1), e, n_layers, start, rows))  # [1, rows, hidden]
+        p_logits = self.parts.head(final)[0]  # [rows, vocab]
         # 3. Accept: p_i scores d_i; p_{k+1} gives the bonus token. A rejected d_1 may be replaced by the
         #    sibling the full model chose, whose own row then gives the bonus token.
         sibling = None
@@ -217,11 +244,15 @@ class Engine:
         else:
             n, next_token, drafted = 0, choose(p_logits, sampling, generator).item(), []
         # 4. Roll back every store to t plus the n accepted drafts; an accepted sibling's K/V first move into
-        #    the place of d_1.
+        #    the place of d_1. A draft-kind balcony's K/V of the accepted rows are made anew of their final
+        #    states (its own rows, drafted, were only stand-ins), which also leaves nothing for step 5.
         balcony_slots = self.exits.cache_slots(e)
         if sibling is not None:
             self.cache.move(self.trunk_slots, start + sibling, start + 1)
         self.cache.rollback(self.trunk_slots, start + n + 1)
+        if deep:
+            self.write_deep(e, final[:, [0, sibling]] if sibling is not None else final[:, :n + 1], start)
+            return Cycle(tokens=drafted[:n] + [next_token], drafts=drafted, accepted=n)
         self.cache.rollback(balcony_slots, start + n + 1)
         # 5. The balcony has no KV for the last accepted token when it is d_k (unless a dropped draft ran it)
         #    or a sibling; its h_e is at hand from step 2.
@@ -294,7 +325,7 @@ def pass_costs(bm, prompt_ids: list[int], exit_layer: int, draft_len: int, width
 
         def draft_step():
             h = engine.run_layers(engine.embed(token), 0, exit_layer, start)
-            engine.pick_draft(engine.draft_logits(engine.run_balcony(exit_layer, h, start)), Sampling())
+            engine.pick_draft(engine.draft_logits(engine.run_balcony(exit_layer, h, start, pending=True)), Sampling())
 
         def verify():
             h = engine.run_layers(engine.embed(token.expand(1, width)), 0, exit_layer, start)

@@ -106,7 +106,7 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
     model, tokenizer = load_model(c.model.name, c.model.dtype, device=accelerator.device)
     parts = model_parts(model)
     exits = attach_exits(model, c.exits.layers, c.exits.norm_init, c.exits.layer_init, c.exits.balcony_layers,
-                         seed=c.train.seed).float()  # fp32 master weights whatever the base dtype
+                         seed=c.train.seed, draft_exits=c.exits.draft).float()  # fp32 master weights whatever the base dtype
     if c.exits.init_from:
         init_exits_from(exits, model, c.exits.init_from)
     blocks, eval_blocks = load_blocks(c.data, tokenizer, c.train.seed, accelerator.process_index,
@@ -116,7 +116,8 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
     if accelerator.is_main_process and resume_from is None:
         output.mkdir(parents=True, exist_ok=True)
         _write_json(output / RUN_FILE, {"balspec_version": __version__, "config": config_to_dict(config)})
-    distiller = Distiller(exits, c.loss.ce_weight, c.loss.chunk_size, c.train.gradient_checkpointing)
+    distiller = Distiller(exits, c.loss.ce_weight, c.loss.chunk_size, c.train.gradient_checkpointing,
+                          c.exits.draft_chain)
     optimizer = build_optimizer(distiller, c)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(c))
     distiller, optimizer = accelerator.prepare(distiller, optimizer)
@@ -204,8 +205,10 @@ def train_step(model, parts, distiller, optimizer, blocks, accelerator, c: Train
     return ExitLosses((kl + c.loss.ce_weight * ce) / n, kl / n, ce / n, agree / n), grad_norm
 
 
-def distill_batch(model, parts, distiller, blocks: Batch, accelerator, c: TrainingConfig) -> ExitLosses:
-    """The teacher's no-grad forward, then the balconies and their losses on one batch [batch, block]."""
+def distill_batch(model, parts, distiller, blocks: Batch, accelerator, c: TrainingConfig,
+                  first_drafts: bool = False) -> ExitLosses:
+    """The teacher's no-grad forward, then the balconies and their losses on one batch [batch, block].
+    first_drafts: draft-kind exits are scored as a cycle's first draft at every position (evaluation)."""
     input_ids = blocks.input_ids
     batch, seq = input_ids.shape
     position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, -1)  # [batch, seq]
@@ -214,7 +217,8 @@ def distill_batch(model, parts, distiller, blocks: Batch, accelerator, c: Traini
         with torch.no_grad():
             position_embeddings = parts.rotary(trunk[0], position_ids)
         labels = next_token_labels(input_ids) if c.loss.ce_weight > 0 else None
-        return distiller(trunk, position_embeddings, teacher_hidden, parts.head, labels, blocks.loss_mask)
+        return distiller(trunk, position_embeddings, teacher_hidden, parts.head, labels, blocks.loss_mask,
+                         first_drafts)
 
 
 def evaluate(model, parts, distiller, eval_blocks: Batch, accelerator, c: TrainingConfig) -> dict:
@@ -225,7 +229,7 @@ def evaluate(model, parts, distiller, eval_blocks: Batch, accelerator, c: Traini
     with torch.no_grad():
         for start in range(0, len(mine), c.optim.batch_size):
             batch = mine[start:start + c.optim.batch_size].to(accelerator.device)  # [batch, block]
-            losses = distill_batch(model, parts, distiller, batch, accelerator, c)
+            losses = distill_batch(model, parts, distiller, batch, accelerator, c, first_drafts=True)
             sums += torch.stack([losses.kl, losses.agree, torch.ones_like(losses.kl)]) * losses.positions
     sums = accelerator.reduce(sums, "sum")
     kl, agree = (sums[:2] / sums[2].clamp(min=1)).tolist()
@@ -283,7 +287,8 @@ def gathered_exits(accelerator, distiller, model, c: TrainingConfig) -> Exits | 
         return None
     if accelerator.num_processes == 1:
         return accelerator.unwrap_model(distiller).exits
-    exits = attach_exits(model, c.exits.layers, c.exits.norm_init, c.exits.layer_init, c.exits.balcony_layers)
+    exits = attach_exits(model, c.exits.layers, c.exits.norm_init, c.exits.layer_init, c.exits.balcony_layers,
+                         draft_exits=c.exits.draft)
     exits.load_state_dict({k.removeprefix("exits."): v for k, v in state.items()})
     return exits
 

@@ -6,7 +6,8 @@ width W could reach at its first position (top-W agreement), on the full model's
 
 The full model answers each prompt greedily; then one pass over prompt + answer gives, at every answer
 position, the full model's token and each exit's draft logits (through the reduced draft head when the exits
-store one: a token outside it is never drafted). Prints top-1..4 agreement per exit.
+store one: a token outside it is never drafted). Prints top-1..4 agreement per exit. A draft-kind exit is
+scored at every position as a cycle's first draft (the context before it verified).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import torch
 import balspec
 from balspec.models import device_name
 from balspec.prompts import load_prompts
+
+sys.path.insert(0, str(Path(__file__).parent))
+from exit_quality import balcony_output  # noqa: E402  (evals/, beside this script)
 
 WIDTHS = (1, 2, 3, 4)
 
@@ -47,10 +51,15 @@ def main() -> None:
             for e in bm.exits:
                 hidden = engine.run_layers(hidden, done, e, 0)
                 exit_hidden[e], done = hidden, e
-            target = engine.full_logits(engine.run_layers(hidden, done, engine.num_layers, 0))[0].argmax(-1)  # [L]
+            final = engine.parts.norm(engine.run_layers(hidden, done, engine.num_layers, 0))  # [1, L, hidden]
+            target = engine.parts.head(final)[0].argmax(-1)  # [L]
             answer_rows = slice(len(ids) - 1, seq.shape[1] - 1)  # rows that predict the answer's tokens
+            rope = engine.parts.rotary(final, torch.arange(seq.shape[1], device=final.device)[None])
             for e in bm.exits:
-                normed = engine.run_balcony(e, exit_hidden[e], 0)[0, answer_rows]  # [A, hidden]
+                if engine.is_draft_kind(e):  # every position as a cycle's first draft (training's path)
+                    normed = balcony_output(bm.exit_modules[e], exit_hidden[e], rope, final)[0, answer_rows]
+                else:
+                    normed = engine.run_balcony(e, exit_hidden[e], 0)[0, answer_rows]  # [A, hidden]
                 logits = torch.stack([engine.draft_logits(row[None, None]) for row in normed])  # [A, draft vocab]
                 ranks[e].append(rank_of(logits, target[answer_rows], engine.draft_vocab))
     table = {e: {f"top{w}": float((torch.cat(r) < w).float().mean()) for w in WIDTHS} for e, r in ranks.items()}

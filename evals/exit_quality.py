@@ -1,5 +1,8 @@
 """How close each exit's sub-model is to the full model on held-out text.
 
+A draft-kind exit (DESIGN.md 3b) is scored at every position as the first draft of a cycle: it reads the
+full model's final states of every earlier position, as right after a verify.
+
 Per exit: KL(p_full || q_exit) in nats per token, top-1 agreement with the full model (the greedy
 acceptance rate of a one-token draft) and perplexity on the text itself. Rows for the trained balcony
 (--exits-path or the shipped exits), the untrained balcony (attach_exits initialisation only) and a
@@ -63,7 +66,16 @@ def heldout_blocks(source: str, tokenizer, seq_len: int, max_tokens: int, positi
             for ids, m in zip(rows["input_ids"], masks)]
 
 
-Head = Callable[[torch.Tensor, tuple], torch.Tensor]  # (h_e [1, L, hidden], rope) -> logits [1, L, vocab]
+# (h_e [1, L, hidden], rope, the full model's final normed states [1, L, hidden]) -> logits [1, L, vocab]
+Head = Callable[[torch.Tensor, tuple, torch.Tensor], torch.Tensor]
+
+
+def balcony_output(balcony, h: torch.Tensor, rope, deep: torch.Tensor) -> torch.Tensor:
+    """A sub-model balcony on h_e; a draft-kind one scored as every position's first draft of a cycle (the
+    context before it verified: what the engine drafts right after a verify)."""
+    if balcony.kind == "draft":
+        return balcony(h, rope, deep, torch.zeros(h.shape[:2], dtype=torch.long, device=h.device))
+    return balcony(h, rope)
 
 
 def heads_for(model, trained, untrained, exits: list[int]) -> list[tuple[str, int, Head]]:
@@ -71,9 +83,10 @@ def heads_for(model, trained, untrained, exits: list[int]) -> list[tuple[str, in
     out = []
     for e in exits:
         if trained is not None:
-            out.append(("balcony", e, lambda h, rope, e=e: parts.head(trained[e](h, rope))))
-        out.append(("balcony (untrained)", e, lambda h, rope, e=e: parts.head(untrained[e](h, rope))))
-        out.append(("shared head", e, lambda h, rope: parts.head(parts.norm(h))))
+            out.append(("balcony", e, lambda h, rope, deep, e=e: parts.head(balcony_output(trained[e], h, rope, deep))))
+        out.append(("balcony (untrained)", e,
+                    lambda h, rope, deep, e=e: parts.head(balcony_output(untrained[e], h, rope, deep))))
+        out.append(("shared head", e, lambda h, rope, deep: parts.head(parts.norm(h))))
     return out
 
 
@@ -100,7 +113,8 @@ def measure(model, seqs: list[torch.Tensor], heads: list[tuple[str, int, Head]])
         sums[("full", None)][1] += len(target)
         for name, e, head in heads:
             # hidden_states[e] is the residual stream after trunk layer e (hidden_states[0]: embeddings)
-            log_q = F.log_softmax(head(out.hidden_states[e], rope)[0, :-1][keep].float(), -1)
+            logits = head(out.hidden_states[e], rope, out.hidden_states[-1])
+            log_q = F.log_softmax(logits[0, :-1][keep].float(), -1)
             acc = sums[(name, e)]
             acc[0] += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
             acc[1] += (log_q.argmax(-1) == top_p).sum().item()
@@ -152,7 +166,9 @@ def run(args: argparse.Namespace) -> dict:
         raise BalspecError("--exits: no exits checkpoint loaded; name the exits to evaluate, e.g. --exits 8,12,16")
     for e in exits if trained is not None else []:
         trained[e]  # a clear error for an exit the checkpoint lacks
-    untrained = attach_exits(model, exits, meta.get("norm_init", "final"), meta.get("layer_init", "last"))
+    drafts = [e for e in exits if trained is not None and trained.kinds[e] == "draft"]
+    untrained = attach_exits(model, exits, meta.get("norm_init", "final"), meta.get("layer_init", "last"),
+                             draft_exits=drafts)
     untrained.requires_grad_(False).eval()
     seqs = heldout_blocks(args.data, tokenizer, args.seq_len, args.max_tokens, args.positions)
     t0 = time.perf_counter()

@@ -15,6 +15,12 @@ A third stage on top of the shipped exits (their own earlier stages are recorded
         --vocab-data data/self3/train.jsonl=20 data/corpus/train.jsonl --vocab-heldout data/self3/heldout.jsonl \
         --stage runs/stage2-exits/balspec.json
 
+Draft-kind exits of another run added beside the shipped ones (their weights and training record joined
+to the shipped exits, the shipped draft vocabulary kept; new defaults chosen over both prompt sets):
+
+    python recipes/package_default_exits.py balspec/default_exits --add runs/draft-exits \
+        --bench evals/results/bench_builtin_draft_cpu.json evals/results/bench_specbench_draft_cpu.json
+
 Only new defaults for the exits already shipped (weights, draft vocabulary and training record kept):
 
     python recipes/package_default_exits.py balspec/default_exits \
@@ -29,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from balspec.exits import frequent_tokens, load_exits, save_exits
+from balspec.errors import BalspecError
+from balspec.exits import attach_exits, frequent_tokens, load_exits, save_exits
 from balspec.generate import DEFAULT_EXITS_DIR
 from balspec.models import load_model
 
@@ -94,6 +101,32 @@ def earlier_stages(paths: list[str]) -> list[dict]:
     return stages
 
 
+def add_exits(model, exits, meta: dict, other_path: str) -> tuple:
+    """The exits of `exits` and of the checkpoint at `other_path` in one Exits (same base model, norm and
+    layer init, balcony depth; no exit in both), and the training record: the first checkpoint's, with the
+    other's under "added_exits"."""
+    other, other_meta = load_exits(model, other_path)
+    if set(exits.exits) & set(other.exits) or (exits.norm_init, exits.balcony_layers) != \
+            (other.norm_init, other.balcony_layers):
+        raise BalspecError(f"--add: {other_path} must hold other exits than {exits.exits}, with the same norm "
+                           "init and balcony depth")
+    kinds = {**exits.kinds, **other.kinds}
+    merged = attach_exits(model, sorted(kinds), exits.norm_init, exits.layer_init, exits.balcony_layers,
+                          draft_exits=[e for e, kind in kinds.items() if kind == "draft"])
+    with torch.no_grad():
+        for source in (exits, other):
+            for e in source.exits:
+                target = merged[e].state_dict()
+                for name, value in source[e].state_dict().items():
+                    target[name].copy_(value)
+    merged.draft_vocab = exits.draft_vocab
+    training = dict(meta.get("training") or {})
+    training["added_exits"] = training.get("added_exits", []) + [
+        {"exits": other.exits, "kinds": {str(e): other.kinds[e] for e in other.exits},
+         "training": other_meta.get("training") or {}}]
+    return merged.requires_grad_(False), training
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="exits checkpoint directory written by balspec train")
@@ -104,6 +137,7 @@ def main() -> None:
     parser.add_argument("--vocab-data", nargs="+", default=[],
                         help="jsonl files whose answers are counted: PATH or PATH=WEIGHT")
     parser.add_argument("--vocab-heldout", help="jsonl file of answers to measure the coverage on")
+    parser.add_argument("--add", metavar="RUN", help="an exits checkpoint whose exits join those of RUN")
     parser.add_argument("--stage", action="append", default=[], metavar="JSON",
                         help="an earlier training stage to record (balspec.json of its run), repeatable")
     args = parser.parse_args()
@@ -116,6 +150,8 @@ def main() -> None:
                                                    args.vocab_data, args.vocab_heldout)
         print(f"draft vocabulary: {args.draft_vocab} tokens, {info['heldout_coverage']:.1%} of held-out answers")
     training = meta.get("training") or {}
+    if args.add:
+        exits, training = add_exits(model, exits, meta, args.add)
     if args.stage:
         training = {**training, "earlier_stages": earlier_stages(args.stage)}
     save_exits(exits, model, args.output, dtype=torch.bfloat16, training=training, defaults=defaults,

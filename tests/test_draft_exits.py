@@ -1,0 +1,253 @@
+"""Draft-kind (verified-context) exits, DESIGN.md 3b, on tiny random models (fp32, CPU): exact output, the
+balcony's cache holding the full model's K/V of verified rows, and training's simulation matching the engine."""
+
+import pytest
+import torch
+
+from balspec.errors import BalspecError
+from balspec.exits import attach_exits, load_exits, save_exits
+from balspec.generate import BalconyModel
+from balspec.layers import key_value
+from balspec.sampling import Sampling, probabilities
+from balspec.tiny import tiny_tokenizer
+from tests.test_engine import identity_tail, sharp_model
+from tests.test_sampling import chi2, chi2_critical
+
+DRAFT, SUB = [1, 3], [4]
+
+
+def make_bm(model=None, draft_vocab=None):
+    model = model or sharp_model()
+    modules = attach_exits(model, DRAFT + SUB, draft_exits=DRAFT).requires_grad_(False).eval()
+    with torch.no_grad():  # a trained fuse is not zero: exercise it
+        for e in DRAFT:
+            modules[e].fuse.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(e))
+    return BalconyModel(model, tiny_tokenizer(), modules, draft_vocab=draft_vocab)
+
+
+@pytest.fixture(scope="module")
+def bm():
+    return make_bm()
+
+
+def final_states(bm, seq):
+    """The full model's final normed hidden states [1, len(seq), hidden] over `seq`, from transformers."""
+    with torch.no_grad():
+        return bm.model(torch.tensor([seq]), output_hidden_states=True).hidden_states[-1]
+
+
+def assert_deep_cache(bm, exit_layer, seq):
+    """The exit's balcony cache holds, at every cached position, K/V made of the full model's final state
+    there, as a fresh pass over the decided tokens makes them."""
+    engine = bm.engine
+    slot = bm.exit_modules.cache_slots(exit_layer)[0]
+    cached = engine.cache.lengths[slot]
+    assert cached == engine.cache.lengths[0]  # as far as the trunk: every decided token but the pending one
+    layer = bm.exit_modules[exit_layer].layers[0]
+    cos, sin = engine._rope
+    key, value = key_value(layer, final_states(bm, seq[:cached]), (cos[:, :cached], sin[:, :cached]))
+    torch.testing.assert_close(engine.cache.keys[slot, :, :, :cached], key, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(engine.cache.values[slot, :, :, :cached], value, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 6, 23])
+def test_greedy_speculative_with_draft_exits_equals_full(bm, prompt_len):
+    ids = [(7 * i + 11) % 250 + 3 for i in range(prompt_len)]
+    full = bm.generate(ids, mode="full", max_new_tokens=30, eos=False)
+    for exit_layer in DRAFT:
+        for k, width in ((1, 1), (2, 1), (5, 1), ("auto", 1), (1, 3), (3, 2), ("auto", 4)):
+            out = bm.generate(ids, mode="speculative", exit=exit_layer, draft_len=k, draft_width=width,
+                              max_new_tokens=30, eos=False)
+            assert out.token_ids == full.token_ids, (exit_layer, k, width)
+            assert_deep_cache(bm, exit_layer, ids + out.token_ids)
+
+
+def test_deep_cache_after_rejections_all_accepted_and_siblings(monkeypatch):
+    """Three regimes of one cycle: every draft rejected (rollback), every draft accepted (n == k: the last
+    draft's K/V come from the verify), a sibling accepted in place of d_1; the cache holds deep K/V after each."""
+    bm = make_bm()
+    ids = list(range(40, 47))
+    seq = ids + bm.generate(ids, mode="full", max_new_tokens=25, eos=False).token_ids
+    engine, vocab, at = bm.engine, bm.engine.vocab_size, {}
+    real_cycle = engine.cycle
+
+    def cycle(token, start, *args, **kwargs):
+        at["start"], at["i"] = start, 0
+        return real_cycle(token, start, *args, **kwargs)
+
+    def drafts_that(right: bool):
+        def pick_draft(logits, sampling, generator=None):
+            at["i"] += 1
+            token = seq[at["start"] + at["i"]]
+            return torch.tensor([token if right else (token + 1) % vocab]), None
+        return pick_draft
+
+    def alternatives(logits, width):
+        right = seq[at["start"] + 1]
+        return torch.tensor([(right + 2) % vocab, right])[-(width - 1):]
+
+    monkeypatch.setattr(engine, "cycle", cycle)
+    monkeypatch.setattr(engine, "alternatives", alternatives)
+    for right, k, width, accepted in ((False, 3, 1, 0), (True, 3, 1, 3), (False, 2, 3, 1)):
+        monkeypatch.setattr(engine, "pick_draft", drafts_that(right))
+        out = bm.generate(ids, mode="speculative", exit=3, draft_len=k, draft_width=width, max_new_tokens=25,
+                          eos=False)
+        assert out.token_ids == seq[len(ids):]
+        assert set(out.stats.accepted_lengths[:-1]) == {accepted}  # the last cycle may be cut by the budget
+        assert_deep_cache(bm, 3, seq)
+
+
+def test_training_forward_matches_the_engine_draft(bm):
+    """Balcony.forward with r unverified rows is what the engine computes for the (r+1)-th draft of a cycle:
+    r = 0 for the pending token (input + fuse(previous deep state)), r = 1 and 2 for chain drafts."""
+    seq = [(11 * i + 3) % 250 + 3 for i in range(14)]
+    e, pending = 3, 9  # the pending token's position; seq[10], seq[11] stand for d_1, d_2
+    model, engine, balcony = bm.model, bm.engine, bm.exit_modules[3]
+    with torch.inference_mode():
+        hidden = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+        positions = torch.arange(len(seq))[None]
+        rope = model.model.rotary_emb(hidden[e], positions)
+        unverified = (positions - pending).clamp(min=0)  # 0 up to the pending token, then 1, 2, ...
+        trained = balcony(hidden[e], rope, hidden[-1], unverified)  # [1, len(seq), hidden]
+        engine.reset(32)
+        engine.prefill(torch.tensor([seq[:pending]]), "speculative", e)
+        for i, position in enumerate(range(pending, pending + 3)):
+            h = engine.run_layers(engine.embed(torch.tensor([[seq[position]]])), 0, e, position)
+            drafted = engine.run_balcony(e, h, position, pending=i == 0)
+            torch.testing.assert_close(drafted[0, 0], trained[0, position], atol=1e-4, rtol=1e-4)
+        # and the context matters: with every position treated as verified the prediction differs
+        verified = balcony(hidden[e], rope, hidden[-1], torch.zeros_like(unverified))
+        assert not torch.allclose(verified[0, pending + 2], trained[0, pending + 2], atol=1e-3)
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["chain", "adaptive"])
+def test_speculative_sampling_with_a_draft_exit_matches_full_model_distribution(adaptive):
+    """As tests/test_sampling.py for sub-model exits: the first two tokens that draft-verify cycles emit after
+    the pending token follow the full model's joint distribution (computed exactly), under temperature and
+    top-k, with the verified-context balcony drafting chains of 3. Layers 4..6 are the identity and the
+    balcony nearly so, so that drafts are often but not always accepted."""
+    bm = make_bm(identity_tail(sharp_model(), 3))
+    with torch.no_grad():
+        layer = bm.exit_modules[3].layers[0]
+        layer.self_attn.o_proj.weight.mul_(0.05)
+        layer.mlp.down_proj.weight.mul_(0.05)
+        bm.exit_modules[3].fuse.weight.mul_(0.1)
+    engine, e, k = bm.engine, 3, 3
+    ids, pending, sampling = [40, 41, 42, 43], 44, Sampling(temperature=1.3, top_k=3)
+    with torch.no_grad():
+        context = ids + [pending]
+        p1 = probabilities(bm.model(torch.tensor([context])).logits[0, -1], sampling)
+        exact = torch.zeros(p1.shape[0], p1.shape[0])
+        for a in torch.nonzero(p1).flatten().tolist():
+            exact[a] = p1[a] * probabilities(bm.model(torch.tensor([context + [a]])).logits[0, -1], sampling)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros_like(exact)
+    start = len(ids)
+    engine.reset(32)
+    accepted = 0
+    with torch.inference_mode():
+        for _ in range(2000):
+            engine.prefill(torch.tensor([ids]), "speculative", e)  # the deep state of the last prompt row
+            cycle = engine.cycle(torch.tensor([[pending]]), start, e, k, sampling, gen, adaptive)
+            emitted, accepted = cycle.tokens, accepted + cycle.accepted
+            if len(emitted) == 1:  # rejected at once: one more cycle from the emitted token
+                emitted += engine.cycle(torch.tensor([emitted]), start + 1, e, k, sampling, gen, adaptive).tokens
+            counts[emitted[0], emitted[1]] += 1
+            engine.reset(32)
+    stat, df = chi2(counts.flatten(), exact.flatten())
+    assert stat < chi2_critical(df), (stat, df)
+    assert 1000 < accepted < 2000 * k  # drafts were accepted often enough for the test to mean something
+
+
+def test_draft_exits_refuse_early_exit_and_export(bm, tmp_path):
+    from balspec.export import build_submodel
+
+    with pytest.raises(BalspecError, match="draft-kind exit .* no standalone sub-model"):
+        bm.generate([5, 6, 7], mode="early-exit", exit=3, max_new_tokens=4)
+    with pytest.raises(BalspecError, match="draft-kind exit"):
+        build_submodel(bm.model, bm.exit_modules, 1)
+    assert bm.generate([5, 6, 7], mode="early-exit", exit=4, max_new_tokens=4).token_ids  # sub-model exit: fine
+
+
+def test_kinds_round_trip_through_a_checkpoint(bm, tmp_path):
+    save_exits(bm.exit_modules, bm.model, tmp_path / "ck")
+    loaded, meta = load_exits(bm.model, tmp_path / "ck")
+    assert meta["kinds"] == {"1": "draft", "3": "draft", "4": "sub-model"}
+    assert loaded.kinds == {1: "draft", 3: "draft", 4: "sub-model"}
+    torch.testing.assert_close(loaded[3].fuse.weight, bm.exit_modules[3].fuse.weight)
+
+
+def test_a_draft_exit_has_one_layer_and_lies_among_the_exits():
+    model = sharp_model()
+    with pytest.raises(BalspecError, match="one balcony layer"):
+        attach_exits(model, [2, 4], balcony_layers=2, draft_exits=[2])
+    with pytest.raises(BalspecError, match="not among the exits"):
+        attach_exits(model, [2, 4], draft_exits=[3])
+
+
+def test_draft_exits_train_record_their_kind_and_resume_exactly(tmp_path, monkeypatch):
+    """`exits.draft` trains verified-context balconies beside sub-model ones: the loss falls, fuse leaves
+    zero, balspec.json records the kinds, and a run interrupted after a checkpoint resumes bitwise (r is
+    drawn from the checkpointed RNG)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from balspec import train as train_module
+    from balspec.train import configure, train
+    from tests.test_train import tiny_config
+
+    sets = ["exits.draft=[2]", "train.max_steps=12", "train.save_every=6", "train.log_every=1",
+            "train.eval_every=12", "optim.lr=3e-3"]
+    straight = train(tiny_config(tmp_path / "straight", *sets))
+    meta = json.loads((straight / "balspec.json").read_text())
+    assert meta["kinds"] == {"2": "draft", "4": "sub-model"}
+    assert meta["training"]["config"]["exits"]["draft"] == [2]
+    weights = load_file(straight / "exits.safetensors")
+    assert weights["balconies.2.fuse.weight"].abs().sum() > 0 and "balconies.4.fuse.weight" not in weights
+    lines = [json.loads(ln) for ln in (straight / "metrics.jsonl").read_text().splitlines()]
+    kl = [ln["kl/2"] for ln in lines if "kl/2" in ln]
+    assert kl[-1] < 0.7 * kl[0]
+    assert 0 <= lines[-1]["eval/top1/2"] <= 1
+
+    real_step, calls = train_module.train_step, []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "resumed", *sets))
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    train(*configure(None, [], {"train.output": str(tmp_path / "resumed")}, resume=True))
+    resumed = load_file(tmp_path / "resumed" / "exits.safetensors")
+    assert weights.keys() == resumed.keys() and all(torch.equal(weights[k], resumed[k]) for k in weights)
+
+
+def test_packaging_adds_draft_exits_beside_sub_model_exits(tmp_path):
+    """recipes/package_default_exits.py --add: one checkpoint with both runs' exits, weights unchanged, the
+    first one's draft vocabulary kept and the added run's training recorded."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    from package_default_exits import add_exits
+
+    model = sharp_model()
+    shipped = attach_exits(model, [4, 5]).requires_grad_(False)
+    shipped.draft_vocab = torch.arange(0, 259, 3)
+    drafts = attach_exits(model, [1, 2], draft_exits=[1, 2]).requires_grad_(False)
+    with torch.no_grad():
+        drafts[2].fuse.weight.fill_(0.01)
+    save_exits(drafts, model, tmp_path / "drafts", training={"steps": 7})
+    merged, training = add_exits(model, shipped, {"training": {"steps": 3}}, str(tmp_path / "drafts"))
+    assert merged.exits == [1, 2, 4, 5] and merged.kinds == {1: "draft", 2: "draft", 4: "sub-model", 5: "sub-model"}
+    assert torch.equal(merged.draft_vocab, shipped.draft_vocab)
+    assert torch.equal(merged[2].fuse.weight, drafts[2].fuse.weight)
+    assert torch.equal(merged[5].layers[0].mlp.up_proj.weight, shipped[5].layers[0].mlp.up_proj.weight)
+    assert training["steps"] == 3 and training["added_exits"][0]["training"] == {"steps": 7}
+    with pytest.raises(BalspecError, match="other exits"):
+        add_exits(model, drafts, {}, str(tmp_path / "drafts"))
