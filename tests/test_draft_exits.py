@@ -8,10 +8,10 @@ from balspec.errors import BalspecError
 from balspec.exits import attach_exits, load_exits, save_exits
 from balspec.generate import BalconyModel
 from balspec.layers import key_value
-from balspec.sampling import Sampling, probabilities
+from balspec.sampling import Sampling
 from balspec.tiny import tiny_tokenizer
 from tests.test_engine import identity_tail, sharp_model
-from tests.test_sampling import chi2, chi2_critical
+from tests.test_sampling import chi2, chi2_critical, two_token_joint
 
 DRAFT, SUB = [1, 3], [4]
 
@@ -134,12 +134,7 @@ def test_speculative_sampling_with_a_draft_exit_matches_full_model_distribution(
         bm.exit_modules[3].fuse.weight.mul_(0.1)
     engine, e, k = bm.engine, 3, 3
     ids, pending, sampling = [40, 41, 42, 43], 44, Sampling(temperature=1.3, top_k=3)
-    with torch.no_grad():
-        context = ids + [pending]
-        p1 = probabilities(bm.model(torch.tensor([context])).logits[0, -1], sampling)
-        exact = torch.zeros(p1.shape[0], p1.shape[0])
-        for a in torch.nonzero(p1).flatten().tolist():
-            exact[a] = p1[a] * probabilities(bm.model(torch.tensor([context + [a]])).logits[0, -1], sampling)
+    exact = two_token_joint(bm.model, ids + [pending], sampling)
     gen = torch.Generator().manual_seed(0)
     counts = torch.zeros_like(exact)
     start = len(ids)

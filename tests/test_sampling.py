@@ -22,6 +22,16 @@ def chi2(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
 
 
+def two_token_joint(model, context: list[int], sampling: Sampling) -> torch.Tensor:
+    """The full model's exact joint distribution [vocab, vocab] of the next two tokens after `context`."""
+    with torch.no_grad():
+        p1 = probabilities(model(torch.tensor([context])).logits[0, -1], sampling)
+        exact = torch.zeros(p1.shape[0], p1.shape[0])
+        for a in torch.nonzero(p1).flatten().tolist():
+            exact[a] = p1[a] * probabilities(model(torch.tensor([context + [a]])).logits[0, -1], sampling)
+    return exact
+
+
 def test_accept_greedy_none_some_all():
     assert accept_greedy([5, 6, 7], [1, 6, 7, 9]) == (0, 1)
     assert accept_greedy([5, 6, 7], [5, 6, 2, 9]) == (2, 2)
@@ -81,12 +91,7 @@ def test_speculative_sampling_matches_full_model_distribution(draft_vocab, adapt
     bm = make_bm(draft_vocab=draft_vocab)
     engine, e, k = bm.engine, 4, 3
     ids, pending, sampling = [40, 41, 42, 43], 44, Sampling(temperature=1.3, top_k=3)
-    with torch.no_grad():
-        context = ids + [pending]
-        p1 = probabilities(bm.model(torch.tensor([context])).logits[0, -1], sampling)
-        exact = torch.zeros(p1.shape[0], p1.shape[0])
-        for a in torch.nonzero(p1).flatten().tolist():
-            exact[a] = p1[a] * probabilities(bm.model(torch.tensor([context + [a]])).logits[0, -1], sampling)
+    exact = two_token_joint(bm.model, ids + [pending], sampling)
     gen = torch.Generator().manual_seed(0)
     counts = torch.zeros_like(exact)
     start = len(ids)
