@@ -223,3 +223,29 @@ def test_draft_exits_train_record_their_kind_and_resume_exactly(tmp_path, monkey
     # only the resumed run's completion and contents are checked here.
     assert weights.keys() == resumed.keys()
     assert json.loads((tmp_path / "resumed" / "balspec.json").read_text())["training"]["steps"] == 12
+
+
+def test_packaging_adds_draft_exits_beside_sub_model_exits(tmp_path):
+    """recipes/package_default_exits.py --add: one checkpoint with both runs' exits, weights unchanged, the
+    first one's draft vocabulary kept and the added run's training recorded."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    from package_default_exits import add_exits
+
+    model = sharp_model()
+    shipped = attach_exits(model, [4, 5]).requires_grad_(False)
+    shipped.draft_vocab = torch.arange(0, 259, 3)
+    drafts = attach_exits(model, [1, 2], draft_exits=[1, 2]).requires_grad_(False)
+    with torch.no_grad():
+        drafts[2].fuse.weight.fill_(0.01)
+    save_exits(drafts, model, tmp_path / "drafts", training={"steps": 7})
+    merged, training = add_exits(model, shipped, {"training": {"steps": 3}}, str(tmp_path / "drafts"))
+    assert merged.exits == [1, 2, 4, 5] and merged.kinds == {1: "draft", 2: "draft", 4: "sub-model", 5: "sub-model"}
+    assert torch.equal(merged.draft_vocab, shipped.draft_vocab)
+    assert torch.equal(merged[2].fuse.weight, drafts[2].fuse.weight)
+    assert torch.equal(merged[5].layers[0].mlp.up_proj.weight, shipped[5].layers[0].mlp.up_proj.weight)
+    assert training["steps"] == 3 and training["added_exits"][0]["training"] == {"steps": 7}
+    with pytest.raises(BalspecError, match="other exits"):
+        add_exits(model, drafts, {}, str(tmp_path / "drafts"))
