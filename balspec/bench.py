@@ -65,6 +65,7 @@ class Run:
     drafted: int = 0
     accepted: int = 0
     accepted_lengths: list[int] = field(default_factory=list)
+    cycle_tokens: int = 0  # tokens emitted by verify cycles (GenerationStats' counting convention)
 
 
 @dataclass
@@ -80,6 +81,9 @@ class Summary:
     mean_accepted_length: float | None = None  # tau: tokens per cycle, bonus included
     accepted_hist: list[int] | None = None  # [n] = cycles that accepted n drafts
     greedy_mismatches: int | None = None  # prompts whose greedy tokens differ from the baseline's
+    # first differences per 1000 tokens decoded in agreement with the baseline (up to and including the first
+    # difference): 0 in fp32; in bf16 the verify pass's rounding may break a near-tie differently
+    mismatches_per_1000_tokens: float | None = None
 
 
 @dataclass
@@ -263,7 +267,7 @@ def decode(bm, setting: Setting, prompt_ids: list[int], prompt: Prompt, opts: Be
     sync_device(bm.device)
     seconds = time.perf_counter() - t0
     s = out.stats
-    return Run(prompt, list(out.token_ids), seconds, s.drafted, s.accepted, list(s.accepted_lengths))
+    return Run(prompt, list(out.token_ids), seconds, s.drafted, s.accepted, list(s.accepted_lengths), s.cycle_tokens)
 
 
 def decode_peer(bm, setting: Setting, prompt_ids: list[int], prompt: Prompt, opts: BenchOptions,
@@ -311,14 +315,24 @@ def summarize(runs: list[Run], baseline: list[Run] | None = None, compare: bool 
         summary.speedup = tps / (base_tokens / base_seconds) if base_tokens and base_seconds > 0 else None
         if compare:
             summary.greedy_mismatches = sum(r.token_ids != b.token_ids for r, b in zip(runs, baseline))
+            compared = sum(agreeing_tokens(r.token_ids, b.token_ids) for r, b in zip(runs, baseline))
+            summary.mismatches_per_1000_tokens = 1000 * summary.greedy_mismatches / compared if compared else None
     lengths = [n for r in runs for n in r.accepted_lengths]
     if lengths:
         drafted = sum(r.drafted for r in runs)
         summary.acceptance_rate = sum(r.accepted for r in runs) / drafted if drafted else None
-        summary.mean_accepted_length = (sum(lengths) + len(lengths)) / len(lengths)
+        summary.mean_accepted_length = sum(r.cycle_tokens for r in runs) / len(lengths)
         counts = Counter(lengths)
         summary.accepted_hist = [counts[n] for n in range(max(lengths) + 1)]
     return summary
+
+
+def agreeing_tokens(tokens: list[int], reference: list[int]) -> int:
+    """Tokens compared until the first difference, that one included (all of the shorter when none)."""
+    for i, (a, b) in enumerate(zip(tokens, reference)):
+        if a != b:
+            return i + 1
+    return min(len(tokens), len(reference)) + (len(tokens) != len(reference))
 
 
 def categorize(runs: list[Run], baseline: list[Run] | None, compare: bool) -> dict[str, Summary]:

@@ -76,10 +76,10 @@ def generate(
     if compare:  # warm both modes up first, so neither timing includes one-time costs (allocation, kernels)
         for warm_mode in {kwargs["mode"] or bm.defaults["mode"], "full", "speculative" if bm.exits else "full"}:
             bm.generate(prompt, **{**kwargs, "mode": warm_mode, "max_new_tokens": 8})
-    streamer = None if as_json or stop else stream.TokenStreamer(bm.tokenizer, show_drafts)
+    streamer = None if as_json else stream.TokenStreamer(bm.tokenizer, show_drafts, stop)
     out = bm.generate(prompt, on_cycle=streamer, **kwargs)
     if streamer is not None:
-        streamer.finish()
+        streamer.finish(out.text)
     baseline = None
     if compare and out.stats.mode == "full" and bm.exits:  # show what speculation does here; full stays the reference
         out, baseline = bm.generate(prompt, **{**kwargs, "mode": "speculative"}), out
@@ -93,8 +93,6 @@ def generate(
             doc["identical_to_full"] = out.token_ids == baseline.token_ids
         print(json.dumps(doc, allow_nan=False))
         return
-    if streamer is None:
-        print(out.text)
     stream.print_generation_stats(out.stats, baseline.stats if baseline else None,
                                   None if baseline is None else out.token_ids == baseline.token_ids)
 

@@ -37,16 +37,22 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     accepted_lengths: list[int] = field(default_factory=list)  # accepted drafts per cycle
+    cycle_tokens: int = 0  # tokens emitted by verify cycles (all but the prefill's token)
     seconds: float = 0.0  # wall time of prefill + decoding, device-synchronised
+
+    # Counting convention (the same in `generate` and `bench`): only what reaches the output counts. In the
+    # cycle where the output ends (EOS or a stop string among accepted drafts), the drafts after the end
+    # count neither as drafted nor as accepted, and the cycle's tokens are those up to the end.
 
     @property
     def acceptance_rate(self) -> float | None:
+        """Accepted drafts / drafted tokens, counting drafts up to the end of the output."""
         return self.accepted / self.drafted if self.drafted else None
 
     @property
     def mean_accepted_length(self) -> float | None:
         """tau: tokens emitted per verify cycle, the bonus token included."""
-        return (self.accepted + self.cycles) / self.cycles if self.cycles else None
+        return self.cycle_tokens / self.cycles if self.cycles else None
 
     @property
     def tokens_per_second(self) -> float:
@@ -136,7 +142,10 @@ class BalconyModel:
 
         draft_width > 1 (greedy only) also verifies the exit's 2nd..width-th choices for the first drafted
         position in the same pass; None takes the recorded default when decoding greedily, else 1.
-        on_cycle(tokens, rejected_drafts) is called as tokens are decided, for streaming.
+        on_cycle(tokens, rejected_drafts) is called as tokens are decided, for streaming: `tokens` are the new
+        tokens of `token_ids`, never one past the end of the output (EOS, a stop string or the budget), and
+        rejected_drafts the drafts the verifier threw away in that cycle (none in the cycle where the output
+        ends). `stream.TokenStreamer` turns them into text that equals `text` once finished.
         """
         mode = mode or self.defaults["mode"]
         if mode not in MODES:
@@ -174,29 +183,33 @@ class BalconyModel:
         sync_device(self.device)
         t0 = time.perf_counter()
         first = choose(engine.prefill(prompt, mode, exit_layer), sampling, generator).item()
-        done = stopper.add([first])
+        stopper.add([first])
         callback_s = 0.0  # time spent in on_cycle (printing) is not decoding time
         if on_cycle:
             t1 = time.perf_counter()
             on_cycle([first], [])
             callback_s += time.perf_counter() - t1
-        while not done:
+        while not stopper.done:
             start = len(ids) + len(stopper.tokens) - 1  # position of the pending token
             pending = torch.tensor([[stopper.tokens[-1]]], device=self.device)
             if mode == "speculative":
                 cycle = engine.cycle(pending, start, exit_layer, min(k, stopper.remaining - 1), sampling,
                                      generator, adaptive, width)
-                stats.cycles += 1
-                stats.drafted += len(cycle.drafts)
-                stats.accepted += cycle.accepted
-                stats.accepted_lengths.append(cycle.accepted)
             else:
                 token = choose(engine.step(pending, start, mode, exit_layer), sampling, generator).item()
                 cycle = Cycle(tokens=[token], drafts=[], accepted=0)
-            done = stopper.add(cycle.tokens)
+            kept = stopper.add(cycle.tokens)  # < len(cycle.tokens) when the output ends inside the cycle
+            cut = kept < len(cycle.tokens)
+            if mode == "speculative":
+                drafted, accepted = (kept, kept) if cut else (len(cycle.drafts), cycle.accepted)
+                stats.cycles += 1
+                stats.cycle_tokens += kept
+                stats.drafted += drafted
+                stats.accepted += accepted
+                stats.accepted_lengths.append(accepted)
             if on_cycle:
                 t1 = time.perf_counter()
-                on_cycle(cycle.tokens, cycle.drafts[cycle.accepted:])
+                on_cycle(cycle.tokens[:kept], [] if cut else cycle.drafts[cycle.accepted:])
                 callback_s += time.perf_counter() - t1
         sync_device(self.device)
         stats.seconds = time.perf_counter() - t0 - callback_s
@@ -245,24 +258,26 @@ class _Stopper:
         self.tokenizer, self.eos_ids, self.stop, self.budget = tokenizer, eos_ids, [s for s in stop if s], budget
         self.tokens: list[int] = []
         self.reason = "length"
+        self.done = False
         self._cut: int | None = None  # text length where a stop string begins
 
     @property
     def remaining(self) -> int:
         return self.budget - len(self.tokens)
 
-    def add(self, new: list[int]) -> bool:
-        for token in new:
+    def add(self, new: list[int]) -> int:
+        """Append tokens up to the end of the output; returns how many of `new` were kept."""
+        for i, token in enumerate(new):
+            if self.done:
+                return i
             self.tokens.append(token)
             if token in self.eos_ids:
-                self.reason = "eos"
-                return True
-            if self.stop and self._hit_stop():
-                self.reason = "stop"
-                return True
-            if len(self.tokens) >= self.budget:
-                return True
-        return False
+                self.reason, self.done = "eos", True
+            elif self.stop and self._hit_stop():
+                self.reason, self.done = "stop", True
+            elif len(self.tokens) >= self.budget:
+                self.done = True
+        return len(new)
 
     def _hit_stop(self) -> bool:
         tail = self.tokenizer.decode(self.tokens[-(max(map(len, self.stop)) + 8):], skip_special_tokens=True)

@@ -3,7 +3,8 @@
 The JSON document (`to_json`) is the contract that scripts read:
 {"meta": {...}, "baseline": {"mode": "full", "tokens_per_second", ...},
  "results": [{"mode", "name", "exit", "draft_len", "draft_width", "acceptance_rate", "mean_accepted_length",
-              "accepted_hist", "tokens_per_second", "speedup", "greedy_mismatches", "cost_model",
+              "accepted_hist", "tokens_per_second", "speedup", "greedy_mismatches",
+              "mismatches_per_1000_tokens", "cost_model",
               "per_category"}, ...]}
 """
 
@@ -64,8 +65,8 @@ def print_tables(report: BenchReport, console=None) -> None:
     for r in report.results:
         s, c = r.summary, r.cost_model
         mismatch = "" if s.greedy_mismatches is None else str(s.greedy_mismatches)
-        if s.greedy_mismatches:  # exactness is broken: make it impossible to miss
-            mismatch = f"[bold red]{mismatch}[/]"
+        if s.greedy_mismatches:  # exactness is broken (or bf16 broke a near-tie): make it impossible to miss
+            mismatch = f"[bold red]{mismatch} ({s.mismatches_per_1000_tokens:.1f}/1k tok)[/]"
         width = _text(r.setting.draft_width) if r.setting.mode == "speculative" else ""
         table.add_row(r.setting.name, _text(r.setting.exit), _text(r.setting.draft_len), width,
                       _num(s.acceptance_rate, "{:.2f}"), _num(s.mean_accepted_length, "{:.2f}"),

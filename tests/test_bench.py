@@ -235,3 +235,13 @@ def test_acceptance_needed_inverts_the_cost_model():
     assert abs((1 + alpha + alpha ** 2) - 2.4) < 1e-6
     assert acceptance_needed(1.0, 1, 0.030, 0.020) < 1e-6  # a cycle cheaper than a step pays at any acceptance
     assert acceptance_needed(1.5, 1, 0.030, 0.048) is None  # 2 tokens per 48 ms: at most 1.25x
+
+
+def test_mismatch_rate_counts_first_differences_per_1000_agreeing_tokens():
+    from balspec.bench import Run, summarize
+    prompt = Prompt("p", "c", "x")
+    base = [Run(prompt, [1, 2, 3, 4], 1.0), Run(prompt, [5, 6, 7, 8], 1.0)]
+    runs = [Run(prompt, [1, 2, 9, 9], 1.0), Run(prompt, [5, 6, 7, 8], 1.0)]
+    s = summarize(runs, base, compare=True)
+    assert s.greedy_mismatches == 1 and s.mismatches_per_1000_tokens == 1000 * 1 / (3 + 4)
+    assert summarize(base, base, compare=True).mismatches_per_1000_tokens == 0
