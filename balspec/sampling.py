@@ -6,6 +6,7 @@ before the accept test, in fp32, so the output distribution is exactly the proce
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,8 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise BalspecError(f"--temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise BalspecError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise BalspecError(f"--top-p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -33,8 +34,15 @@ class Sampling:
 
 
 def probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """[..., vocab] logits -> fp32 probabilities after temperature, top-k and top-p."""
-    logits = logits.float() / sampling.temperature
+    """[..., vocab] logits -> fp32 probabilities after temperature, top-k and top-p.
+
+    Any finite temperature > 0 is exact: the logits are shifted so their maximum is 0 before they are
+    divided (in fp64, so that neither 1/T nor the quotient overflows for T down to 5e-324), which
+    leaves softmax unchanged and, as T -> 0, gives the uniform distribution over the tied argmax.
+    """
+    logits = logits.float()
+    shifted = (logits - logits.amax(-1, keepdim=True)).double()
+    logits = (shifted / sampling.temperature).float()  # <= 0; underflow to -inf is the exact limit
     if sampling.top_k and sampling.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -43,6 +51,7 @@ def probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         sorted_probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already cover top_p
         drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= sampling.top_p
+        drop_sorted[..., 0] = False  # the most likely token always stays (a top_p below fp32's range)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(-1)

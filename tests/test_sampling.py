@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from balspec.sampling import Sampling, accept_greedy, accept_sampling, probabilities
+from balspec.errors import BalspecError
+from balspec.sampling import Sampling, accept_greedy, accept_sampling, choose, probabilities
 from tests.test_engine import make_bm
 
 
@@ -64,6 +65,30 @@ def test_top_k_top_p_processing():
     torch.testing.assert_close(probabilities(logits, Sampling(1.0, top_k=2)), torch.tensor([2 / 3, 1 / 3, 0, 0]))
     torch.testing.assert_close(probabilities(logits, Sampling(1.0, top_p=0.7)), torch.tensor([2 / 3, 1 / 3, 0, 0]))
     torch.testing.assert_close(probabilities(logits, Sampling(1.0, top_p=0.5)), torch.tensor([1.0, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-38, 5e-324, 1e-300])
+def test_a_tiny_temperature_samples_the_tied_argmax(temperature):
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0], [0.5, 0.25, 4.0, float("-inf")]])
+    p = probabilities(logits, Sampling(temperature))
+    torch.testing.assert_close(p, torch.tensor([[0, 0.5, 0.5, 0], [0, 0, 1.0, 0]]))
+    tokens = choose(logits, Sampling(temperature), torch.Generator().manual_seed(0))
+    assert tokens[0] in (1, 2) and tokens[1] == 2
+
+
+def test_huge_temperature_top_k_and_top_p_at_their_bounds():
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))
+    torch.testing.assert_close(probabilities(logits, Sampling(1e308)), torch.full((4,), 0.25))
+    torch.testing.assert_close(probabilities(logits, Sampling(1.0, top_k=10**9)), torch.exp(logits))
+    for top_p in (1e-300, 5e-324, 1e-7):
+        torch.testing.assert_close(probabilities(logits, Sampling(1.0, top_p=top_p)), torch.tensor([1.0, 0, 0, 0]))
+    torch.testing.assert_close(probabilities(logits, Sampling(1.0, top_p=1.0)), torch.exp(logits))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1e-45])
+def test_a_temperature_that_is_not_finite_and_non_negative_is_refused(bad):
+    with pytest.raises(BalspecError, match="--temperature must be a finite number >= 0"):
+        Sampling(bad)
 
 
 def test_rejection_sampling_preserves_target_distribution():
