@@ -342,17 +342,30 @@ def load_exits(model: nn.Module, path: str | Path) -> tuple[Exits, dict]:
     return exits, meta
 
 
-def frequent_tokens(sequences, vocab_size: int, size: int) -> tuple[torch.Tensor, float]:
-    """The `size` most frequent token ids in `sequences` (lists of ids), sorted, and the share of all
-    tokens they cover: a reduced draft vocabulary (`exits.draft_vocab`)."""
+def frequent_tokens(sequences, vocab_size: int, size: int, always=()) -> tuple[torch.Tensor, float]:
+    """A reduced draft vocabulary (`exits.draft_vocab`): the token ids in `always` (EOS and chat-control
+    tokens, which answers end with but texts rarely hold), then the most frequent ids in `sequences` (lists
+    of ids) up to `size` ids in all, sorted; and the share of all tokens in `sequences` they cover."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for seq in sequences:
         counts += torch.bincount(torch.as_tensor(seq, dtype=torch.long), minlength=vocab_size)
     if size >= vocab_size or counts.sum() == 0:
         raise BalspecError(f"a draft vocabulary of {size} tokens needs a vocabulary larger than that "
                            f"({vocab_size}) and some text to count")
-    top = counts.argsort(descending=True, stable=True)[:size]
+    forced = sorted(set(always))
+    ranked = counts.clone()
+    ranked[forced] = counts.max() + 1  # first, in their own order (a stable sort keeps it)
+    top = ranked.argsort(descending=True, stable=True)[:max(size, len(forced))]
     return top.sort().values, counts[top].sum().item() / counts.sum().item()
+
+
+def with_control_tokens(draft_vocab: torch.Tensor, control: list[int] | set[int]) -> torch.Tensor:
+    """draft_vocab [n] token ids -> the sorted union with `control` (EOS and chat-control ids): a draft
+    vocabulary that lacks the EOS can never draft the end of a reply, so every reply's last cycle is lost."""
+    missing = sorted(set(control) - set(draft_vocab.tolist()))
+    if not missing:
+        return draft_vocab
+    return torch.cat([draft_vocab, torch.tensor(missing, dtype=draft_vocab.dtype)]).sort().values
 
 
 def init_exits_from(exits: Exits, model: nn.Module, path: str | Path) -> None:

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from balspec.errors import BalspecError
-from balspec.exits import Exits, load_exits
+from balspec.exits import Exits, load_exits, with_control_tokens
 from balspec.models import DEFAULT_ALIASES, default_device, load_model
 from balspec.sampling import Sampling, choose
 from balspec.speculative import AUTO_MAX_DRAFT, Cycle, Engine, sync_device
@@ -75,6 +75,15 @@ class GenerationOutput:
                 "stats": self.stats.to_dict()}
 
 
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """The ids that end a reply: the generation config's EOS (one or a list) and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
 def default_exits_path(model_name: str | None) -> Path | None:
     """The exits shipped inside the package for the embedded default model, if any."""
     if model_name in DEFAULT_ALIASES and (DEFAULT_EXITS_DIR / "balspec.json").exists():
@@ -103,12 +112,13 @@ class BalconyModel:
     def __init__(self, model, tokenizer, exits: Exits | None = None, meta: dict | None = None,
                  draft_vocab: torch.Tensor | None = None):
         self.model, self.tokenizer, self.exit_modules, self.meta = model, tokenizer, exits, meta or {}
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        if draft_vocab is not None:  # whatever the checkpoint stored, the drafts can end a reply
+            vocab = model.config.vocab_size
+            control = {t for t in self.eos_ids | set(tokenizer.all_special_ids) if 0 <= t < vocab}
+            draft_vocab = with_control_tokens(draft_vocab, control)
         self.engine = Engine(model, exits, draft_vocab)
         self.device = self.engine.device
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            self.eos_ids.add(tokenizer.eos_token_id)
 
     @property
     def exits(self) -> list[int]:

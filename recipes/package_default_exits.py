@@ -83,10 +83,11 @@ def draft_vocabulary(tokenizer, vocab_size: int, size: int, data: list[str], hel
     for entry in data:
         path, _, weight = entry.partition("=")
         sequences += answer_tokens(tokenizer, path) * int(weight or 1)
-    ids, train_coverage = frequent_tokens(sequences, vocab_size, size)
+    control = [t for t in tokenizer.all_special_ids if 0 <= t < vocab_size]  # EOS and chat-control tokens
+    ids, train_coverage = frequent_tokens(sequences, vocab_size, size, always=control)
     kept = set(ids.tolist())
     held = [t for seq in answer_tokens(tokenizer, heldout) for t in seq]
-    info = {"counted_on": data, "train_coverage": round(train_coverage, 4), "heldout": heldout,
+    info = {"counted_on": data, "control_tokens": control, "train_coverage": round(train_coverage, 4), "heldout": heldout,
             "heldout_coverage": round(sum(t in kept for t in held) / len(held), 4)}
     return ids, info
 

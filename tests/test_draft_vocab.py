@@ -24,7 +24,7 @@ def test_greedy_output_is_exact_and_drafts_come_from_the_draft_vocabulary():
             out = bm.generate(ids, mode="speculative", exit=exit_layer, draft_len=k, max_new_tokens=30, eos=False,
                               on_cycle=lambda tokens, missed: rejected.extend(missed))
             assert out.token_ids == full.token_ids, (exit_layer, k)
-    assert rejected and all(d % 2 == 0 for d in rejected)
+    assert rejected and all(d % 2 == 0 or d == 1 for d in rejected)  # EVEN and the control tokens 0, 1, 2
     assert any(t % 2 for t in full.token_ids)  # the full model does emit tokens the drafts cannot
 
 
@@ -32,10 +32,11 @@ def test_draft_logits_are_the_full_heads_rows():
     bm, reference = make_bm(draft_vocab=EVEN), make_bm()
     normed = torch.randn(1, 1, bm.model.config.hidden_size)
     with torch.no_grad():
-        assert torch.allclose(bm.engine.draft_logits(normed), reference.engine.draft_logits(normed)[EVEN], atol=1e-5)
+        rows = bm.engine.draft_vocab  # EVEN and the control token 1
+        assert torch.allclose(bm.engine.draft_logits(normed), reference.engine.draft_logits(normed)[rows], atol=1e-5)
         token, q = bm.engine.pick_draft(bm.engine.draft_logits(normed), Sampling(temperature=1.0),
                                         torch.Generator().manual_seed(0))
-    assert q.shape == (259,) and q[1::2].sum() == 0 and abs(q.sum().item() - 1) < 1e-5 and token.item() % 2 == 0
+    assert q.shape == (259,) and q[3::2].sum() == 0 and abs(q.sum().item() - 1) < 1e-5 and token.item() in rows
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -63,6 +64,17 @@ def test_bad_draft_vocabulary_in_a_checkpoint_is_refused(tmp_path):
 def test_frequent_tokens_counts_and_covers():
     ids, coverage = frequent_tokens([[5, 5, 5, 7, 7, 9], [5, 7, 11]], vocab_size=20, size=2)
     assert ids.tolist() == [5, 7] and coverage == pytest.approx(7 / 9)
+    ids, coverage = frequent_tokens([[5, 5, 5, 7, 7, 9], [5, 7, 11]], vocab_size=20, size=3, always=[2])
+    assert ids.tolist() == [2, 5, 7] and coverage == pytest.approx(7 / 9)
+
+
+def test_the_draft_vocabulary_always_holds_the_eos_and_control_tokens():
+    """A draft vocabulary without the EOS can never draft the end of a reply (a checkpoint's stored one
+    may lack it: the shipped one did)."""
+    bm = make_bm(draft_vocab=EVEN)
+    vocab = bm.engine.draft_vocab.tolist()
+    assert {0, 1, 2} <= set(vocab) and vocab == sorted(vocab) and len(vocab) == len(EVEN) + 1
+    assert 2 in bm.eos_ids
     with pytest.raises(BalspecError):
         frequent_tokens([[1, 2]], vocab_size=4, size=4)
 

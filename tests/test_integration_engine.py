@@ -61,3 +61,35 @@ def test_shipped_exits_load_and_are_exact():
                                max_new_tokens=32)
             assert spec.token_ids == full.token_ids, (exit_layer, draft_len, width)
         assert spec.stats.acceptance_rate > 0
+    assert 2 in bm.exit_modules.draft_vocab.tolist()  # <|im_end|>, the EOS: stored in the shipped file
+
+
+@pytest.mark.skipif(default_exits_path(DEFAULT_MODEL) is None, reason="no exits shipped yet")
+@pytest.mark.parametrize("prompt, args", [
+    ("Write one short sentence about cats.", ["--mode", "speculative", "--exit", "24", "--draft-len", "8",
+                                              "--full-draft-head"]),
+    ("Reply with five emoji about the sea 🌊.", ["--max-new-tokens", "16"]),
+    ("Reply with five emoji about the sea 🌊.", ["--max-new-tokens", "16", "--mode", "speculative", "--exit", "8"]),
+])
+def test_cli_streams_exactly_the_returned_text(capsys, monkeypatch, prompt, args):
+    """The EOS accepted inside a cycle ends the stream (issue: '...a loyal companion.\\nsystem\\n'), and a
+    character split over tokens is printed whole (no U+FFFD)."""
+    import json
+    import sys
+
+    from balspec import cli
+
+    def run(extra):
+        monkeypatch.setattr(sys, "argv", ["balspec", "generate", prompt, *args, *extra])
+        with pytest.raises(SystemExit) as code:
+            cli.main()
+        assert code.value.code in (0, None)
+        return capsys.readouterr().out
+
+    doc = json.loads(run(["--json"]))
+    # (the budget may end inside a character: the returned text, like decode(), then ends in U+FFFD)
+    assert run([]) == doc["text"] + "\n" and "\ufffd" not in doc["text"].rstrip("\ufffd")
+    stats = doc["stats"]
+    if stats["mode"] == "speculative":
+        assert stats["mean_accepted_length"] == pytest.approx(stats["cycle_tokens"] / stats["cycles"])
+        assert stats["cycle_tokens"] == len(doc["token_ids"]) - 1
