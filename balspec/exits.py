@@ -297,7 +297,7 @@ def read_meta(path: str | Path) -> dict:
     if meta["format_version"] != FORMAT_VERSION:
         raise BalspecError(f"{meta_file}: format version {meta['format_version']} is not supported "
                            f"(this balspec reads version {FORMAT_VERSION})")
-    check_meta(meta, meta_file)
+    _check_meta(meta, meta_file)
     return meta
 
 
@@ -318,7 +318,7 @@ def _one_of(choices) -> tuple:
     return (lambda v: isinstance(v, str) and v in choices, "one of " + ", ".join(choices))
 
 
-def meta_schema() -> dict:
+def _meta_schema() -> dict:
     """What `save_exits` writes in `balspec.json`. Optional fields came later, or are written when known."""
     from balspec.generate import MODES
 
@@ -341,10 +341,10 @@ def meta_schema() -> dict:
                              "heldout_coverage": (_NUMBER_OR_NULL, False)}, False)}
 
 
-def check_meta(meta, meta_file: Path) -> None:
-    """The whole of `balspec.json` against `meta_schema` and its fields against each other, so that no reader
+def _check_meta(meta, meta_file: Path) -> None:
+    """The whole of `balspec.json` against `_meta_schema()` and its fields against each other, so that no reader
     meets a wrong type later. Names the first field that does not fit: the checkpoint is at fault, not a flag."""
-    _check_field(meta, meta_schema(), "", meta_file)
+    _check_field(meta, _meta_schema(), "", meta_file)
     exits, layers = meta["exits"], meta["base_model"]["num_layers"]
     if not exits or len(set(exits)) != len(exits) or not all(1 <= e < layers for e in exits):
         _corrupt(meta_file, "exits", f"distinct layers in 1..{layers - 1} (base_model.num_layers is {layers})", exits)
