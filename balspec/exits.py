@@ -11,7 +11,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from balspec.errors import BalspecError
+from balspec.files import apply_umask, partial_path, remove_stale_partials
 
 FORMAT_VERSION = 1
 NORM_INITS = ("final", "next-input")  # copy of the final norm, or of the input norm of trunk layer e + 1
@@ -261,24 +261,28 @@ def save_exits(exits: Exits, model: nn.Module, path: str | Path, dtype: torch.dt
     if exits.draft_vocab is not None:
         tensors[DRAFT_VOCAB_KEY] = exits.draft_vocab.detach().to("cpu", torch.int64).contiguous()
     weights_tmp = _temp_in(path, WEIGHTS_FILE)
-    save_file(tensors, weights_tmp, metadata={"format": "pt"})
-    meta = {"format_version": FORMAT_VERSION, "balspec_version": __version__,
-            "base_model": base_model_info(model), "exits": exits.exits, "norm_init": exits.norm_init,
-            "layer_init": exits.layer_init, "balcony_layers": exits.balcony_layers,
-            "kinds": {str(e): kind for e, kind in exits.kinds.items()},
-            "dtype": str(weights_dtype).replace("torch.", ""),
-            "weights_sha256": sha256_file(weights_tmp), "training": training or {}}
-    if defaults:
-        meta["defaults"] = defaults
-    if exits.draft_vocab is not None:
-        meta["draft_vocab"] = {"size": int(exits.draft_vocab.numel()), **(draft_vocab_info or {})}
-    os.replace(weights_tmp, path / WEIGHTS_FILE)
+    try:
+        save_file(tensors, weights_tmp, metadata={"format": "pt"})
+        apply_umask(weights_tmp)  # safetensors writes 0600
+        meta = {"format_version": FORMAT_VERSION, "balspec_version": __version__,
+                "base_model": base_model_info(model), "exits": exits.exits, "norm_init": exits.norm_init,
+                "layer_init": exits.layer_init, "balcony_layers": exits.balcony_layers,
+                "kinds": {str(e): kind for e, kind in exits.kinds.items()},
+                "dtype": str(weights_dtype).replace("torch.", ""),
+                "weights_sha256": sha256_file(weights_tmp), "training": training or {}}
+        if defaults:
+            meta["defaults"] = defaults
+        if exits.draft_vocab is not None:
+            meta["draft_vocab"] = {"size": int(exits.draft_vocab.numel()), **(draft_vocab_info or {})}
+        os.replace(weights_tmp, path / WEIGHTS_FILE)
+    finally:
+        weights_tmp.unlink(missing_ok=True)
     _write_json_atomic(path / META_FILE, meta)
     return path
 
 
 def read_meta(path: str | Path) -> dict:
-    """The checkpoint's `balspec.json`, checked for shape; a clear error for anything else."""
+    """The checkpoint's `balspec.json`, checked against its schema; a clear error for anything else."""
     path = Path(path)
     if not path.is_dir():
         raise BalspecError(f"--exits-path: {path} is not a directory")
@@ -287,13 +291,100 @@ def read_meta(path: str | Path) -> dict:
         raise BalspecError(f"--exits-path: {path} is not an exits checkpoint (needs {META_FILE} and {WEIGHTS_FILE})")
     try:
         meta = json.loads(meta_file.read_text())
-        assert isinstance(meta, dict) and isinstance(meta["exits"], list) and "base_model" in meta
-    except (ValueError, KeyError, AssertionError):
-        raise BalspecError(f"{meta_file} is corrupt or not a balspec checkpoint file") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise BalspecError(f"{meta_file}: format version {meta.get('format_version')} is not supported "
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BalspecError(f"{meta_file} is corrupt: not valid JSON ({e})") from None
+    _check_field(meta, {"format_version": (_WHOLE, True)}, "", meta_file)
+    if meta["format_version"] != FORMAT_VERSION:
+        raise BalspecError(f"{meta_file}: format version {meta['format_version']} is not supported "
                            f"(this balspec reads version {FORMAT_VERSION})")
+    _check_meta(meta, meta_file)
     return meta
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# A field's type: (test, what it must be). An object: {key: (type, required)}, "*" for every key. A list: [type].
+_WHOLE = (_is_whole, "a whole number")
+_COUNT = (lambda v: _is_whole(v) and v >= 1, "a whole number >= 1")
+_TEXT = (lambda v: isinstance(v, str), "a string")
+_TEXT_OR_NULL = (lambda v: v is None or isinstance(v, str), "a string or null")
+_NUMBER_OR_NULL = (lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool), "a number or null")
+_OBJECT = (lambda v: isinstance(v, dict), "an object")
+
+
+def _one_of(choices) -> tuple:
+    return (lambda v: isinstance(v, str) and v in choices, "one of " + ", ".join(choices))
+
+
+def _meta_schema() -> dict:
+    """What `save_exits` writes in `balspec.json`. Optional fields came later, or are written when known."""
+    from balspec.generate import MODES
+
+    draft_len = (lambda v: v == "auto" or _is_whole(v) and v >= 1, 'a whole number >= 1 or "auto"')
+    return {"format_version": (_WHOLE, True),
+            "balspec_version": (_TEXT, False),
+            "base_model": ({"name": (_TEXT, True), "revision": (_TEXT_OR_NULL, False), "num_layers": (_COUNT, True),
+                            "config_fingerprint": (_TEXT, True), "weights_fingerprint": (_TEXT, True)}, True),
+            "exits": ([_WHOLE], True),
+            "norm_init": (_one_of(NORM_INITS), False),
+            "layer_init": (_one_of(LAYER_INITS), False),
+            "balcony_layers": (_COUNT, False),
+            "kinds": ({"*": (_one_of(KINDS), False)}, False),
+            "dtype": (_TEXT, False),
+            "weights_sha256": (_TEXT, True),
+            "training": ({"config": (_OBJECT, False)}, False),
+            "defaults": ({"mode": (_one_of(MODES), False), "exit": (_WHOLE, False), "draft_len": (draft_len, False),
+                          "draft_width": (_COUNT, False), "measured": (_OBJECT, False)}, False),
+            "draft_vocab": ({"size": (_COUNT, True), "train_coverage": (_NUMBER_OR_NULL, False),
+                             "heldout_coverage": (_NUMBER_OR_NULL, False)}, False)}
+
+
+def _check_meta(meta, meta_file: Path) -> None:
+    """The whole of `balspec.json` against `_meta_schema()` and its fields against each other, so that no reader
+    meets a wrong type later. Names the first field that does not fit: the checkpoint is at fault, not a flag."""
+    _check_field(meta, _meta_schema(), "", meta_file)
+    exits, layers = meta["exits"], meta["base_model"]["num_layers"]
+    if not exits or len(set(exits)) != len(exits) or not all(1 <= e < layers for e in exits):
+        _corrupt(meta_file, "exits", f"distinct layers in 1..{layers - 1} (base_model.num_layers is {layers})", exits)
+    kinds = meta.get("kinds", {})
+    for key in kinds:
+        if key not in map(str, exits):
+            _corrupt(meta_file, f"kinds.{key}", f"an exit of the checkpoint ({','.join(map(str, exits))})", key)
+    if "draft" in kinds.values() and meta.get("balcony_layers", 1) != 1:
+        _corrupt(meta_file, "balcony_layers", "1 with a draft-kind exit", meta["balcony_layers"])
+    defaults = meta.get("defaults", {})
+    if "exit" in defaults and defaults["exit"] not in exits:
+        _corrupt(meta_file, "defaults.exit", f"one of the exits ({','.join(map(str, exits))})", defaults["exit"])
+    if defaults.get("mode") == "early-exit" and kinds.get(str(defaults.get("exit"))) == "draft":
+        _corrupt(meta_file, "defaults.exit", "a sub-model exit with mode early-exit", defaults["exit"])
+
+
+def _check_field(value, kind, field: str, meta_file: Path) -> None:
+    if isinstance(kind, dict):
+        if not isinstance(value, dict):
+            _corrupt(meta_file, field or "the document", "an object", value)
+        for key, (sub, required) in kind.items():
+            for name in (value if key == "*" else [key]):
+                where = f"{field}.{name}" if field else name
+                if name in value:
+                    _check_field(value[name], sub, where, meta_file)
+                elif required:
+                    raise BalspecError(f"{meta_file} is corrupt: {where} is missing")
+    elif isinstance(kind, list):
+        if not isinstance(value, list):
+            _corrupt(meta_file, field, "a list", value)
+        for i, item in enumerate(value):
+            _check_field(item, kind[0], f"{field}[{i}]", meta_file)
+    elif not kind[0](value):
+        _corrupt(meta_file, field, kind[1], value)
+
+
+def _corrupt(meta_file: Path, field: str, expected: str, value) -> None:
+    shown = json.dumps(value)
+    raise BalspecError(f"{meta_file} is corrupt: {field} must be {expected}, not "
+                       f"{shown if len(shown) <= 40 else shown[:37] + '...'}")
 
 
 def check_base(meta: dict, model: nn.Module, where: str) -> None:
@@ -321,8 +412,6 @@ def load_exits(model: nn.Module, path: str | Path) -> tuple[Exits, dict]:
     except Exception as e:  # safetensors raises its own error types for damaged headers
         raise BalspecError(f"{path / WEIGHTS_FILE} is corrupt: {e}") from None
     kinds = meta.get("kinds", {})
-    if not isinstance(kinds, dict) or any(k not in map(str, meta["exits"]) or v not in KINDS for k, v in kinds.items()):
-        raise BalspecError(f"{path / META_FILE} is corrupt: kinds must map exits to one of {', '.join(KINDS)}")
     exits = attach_exits(model, meta["exits"], meta.get("norm_init", "final"), "last",
                          meta.get("balcony_layers", 1), draft_exits=[int(e) for e, v in kinds.items() if v == "draft"])
     exits.layer_init = meta.get("layer_init", "last")
@@ -390,21 +479,23 @@ def init_exits_from(exits: Exits, model: nn.Module, path: str | Path) -> None:
                 target[name].copy_(value)
 
 
-def _temp_in(directory: Path, name: str) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared checkpoint from other users
-    return tmp
+def _temp_in(directory: Path, name: str) -> Path:
+    """A hidden partial file for `directory / name`, after removing those of killed earlier writers."""
+    remove_stale_partials(directory / name, hidden=True)
+    return partial_path(directory / name, hidden=True)
 
 
 def _write_json_atomic(target: Path, obj: dict) -> None:
     tmp = _temp_in(target.parent, target.name)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def sha256_file(file: str | Path) -> str:

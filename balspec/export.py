@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from balspec.errors import BalspecError
-from balspec.exits import META_FILE, Exits, base_model_info, model_parts
+from balspec.exits import Exits, base_model_info, model_parts
+from balspec.files import apply_umask, partial_path, remove_stale_partials
 
 EXPORT_FILE = "balspec_export.json"  # provenance; also marks a directory --force may replace
 _PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")  # config lists with one entry per decoder layer
@@ -63,7 +64,9 @@ def build_submodel(model: nn.Module, exits: Exits, exit_layer: int) -> nn.Module
 
 
 def check_output(output: str | Path, force: bool) -> None:
-    """Refuse a non-empty --output without --force and, even with it, anything balspec did not export."""
+    """Refuse a non-empty --output without --force and, even with it, anything but an earlier export: a
+    directory holding exactly the files its `balspec_export.json` lists (a user's own file among them, or a
+    checkpoint, is never deleted)."""
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise BalspecError(f"--output: {output} exists and is not a directory")
@@ -71,9 +74,24 @@ def check_output(output: str | Path, force: bool) -> None:
         return
     if not force:
         raise BalspecError(f"--output: {output} is not empty; pass --force to replace it")
-    if (output / META_FILE).exists() or ((output / "config.json").exists() and not (output / EXPORT_FILE).exists()):
-        raise BalspecError(f"--output: {output} holds an exits checkpoint or a model balspec did not export; "
+    if output.is_symlink():
+        raise BalspecError(f"--output: {output} is a symbolic link; give the directory it points to")
+    foreign = _not_exported(output)
+    if foreign:
+        raise BalspecError(f"--output: {output} holds files balspec did not export ({', '.join(foreign[:3])}); "
                            "refusing to replace it even with --force")
+
+
+def _not_exported(directory: Path) -> list[str]:
+    """The entries of `directory` that no earlier export recorded writing: all of them without a readable
+    provenance file."""
+    names = sorted(p.name for p in directory.iterdir())
+    try:
+        written = json.loads((directory / EXPORT_FILE).read_text())["files"]
+        assert isinstance(written, list)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return names
+    return [n for n in names if n not in written or (directory / n).is_symlink() or not (directory / n).is_file()]
 
 
 def export_submodel(model: nn.Module, tokenizer, exits: Exits, exit_layer: int, output: str | Path,
@@ -85,13 +103,17 @@ def export_submodel(model: nn.Module, tokenizer, exits: Exits, exit_layer: int, 
     check_output(output, force)
     sub = build_submodel(model, exits, exit_layer)
     output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    remove_stale_partials(output, hidden=True, marker=EXPORT_FILE)
+    partial = partial_path(output, hidden=True)
     shutil.rmtree(partial, ignore_errors=True)
     try:
+        partial.mkdir()
+        (partial / EXPORT_FILE).write_text("{}\n")  # marks the partial as balspec's until provenance replaces it
         sub.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         _make_portable(partial)
         _write_provenance(partial / EXPORT_FILE, model, exits, exit_layer)
+        apply_umask(partial)
         _move_into_place(partial, output)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -124,7 +146,8 @@ def _write_provenance(target: Path, model: nn.Module, exits: Exits, exit_layer: 
 
     info = {"balspec_version": __version__, "exit": exit_layer, "balcony_layers": exits.balcony_layers,
             "num_hidden_layers": exit_layer + exits.balcony_layers, "norm_init": exits.norm_init,
-            "layer_init": exits.layer_init, "base_model": base_model_info(model)}
+            "layer_init": exits.layer_init, "base_model": base_model_info(model),
+            "files": sorted(p.name for p in target.parent.iterdir())}  # what --force may replace later
     target.write_text(json.dumps(info, indent=2) + "\n")
 
 

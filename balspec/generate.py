@@ -229,7 +229,12 @@ class BalconyModel:
             return None
         if not self.exits:
             raise BalspecError(f"--mode {mode} needs exits: pass --exits-path (train them with `balspec train`)")
-        exit_layer = exit_layer if exit_layer is not None else self.defaults["exit"]
+        default = self.defaults["exit"]
+        if exit_layer is None and mode == "early-exit" and self.exit_modules.kinds.get(default) == "draft":
+            raise BalspecError(f"--mode early-exit: the checkpoint's default exit {default} is a "
+                               "draft-kind exit, with no sub-model of its own; pass --exit with a sub-model exit "
+                               f"({','.join(map(str, self.exit_modules.sub_model_exits)) or 'it has none'})")
+        exit_layer = exit_layer if exit_layer is not None else default
         self.exit_modules[exit_layer]  # raises a clear error for an exit the checkpoint lacks
         if mode == "early-exit":
             self.exit_modules.check_sub_model(exit_layer, "--mode early-exit")

