@@ -23,7 +23,8 @@ from balspec.errors import BalspecError
 from balspec.exits import validate_exits
 from balspec.models import device_name
 from balspec.prompts import Prompt, PromptSet
-from balspec.speculative import pass_costs, sync_device
+from balspec.sampling import Sampling, check_seed
+from balspec.speculative import MAX_DRAFT_LEN, MAX_DRAFT_WIDTH, pass_costs, sync_device
 
 PEERS = ("hf", "hf-early-exit", "prompt-lookup")
 PEER_DRAFT_LEN = 4  # drafts per cycle for the peers when --draft-len gives no fixed number
@@ -131,8 +132,8 @@ def parse_draft_lens(text: str) -> list[int | str]:
         except ValueError:
             raise BalspecError(f"--draft-len: expected whole numbers >= 1 or 'auto' like 2,4,auto, "
                                f"got {text!r}") from None
-        if k < 1:
-            raise BalspecError(f"--draft-len: draft lengths must be >= 1, got {k}")
+        if not 1 <= k <= MAX_DRAFT_LEN:
+            raise BalspecError(f"--draft-len: draft lengths must lie in 1..{MAX_DRAFT_LEN}, got {k}")
         out.append(k)
     if len(set(out)) != len(out):
         raise BalspecError(f"--draft-len: duplicated value in {text!r}")
@@ -145,8 +146,9 @@ def parse_draft_widths(text: str, temperature: float = 0.0) -> list[int]:
         out = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise BalspecError(f"--draft-width: expected whole numbers >= 1 like 1,3, got {text!r}") from None
-    if not out or min(out) < 1 or len(set(out)) != len(out):
-        raise BalspecError(f"--draft-width: expected distinct whole numbers >= 1 like 1,3, got {text!r}")
+    if not out or min(out) < 1 or max(out) > MAX_DRAFT_WIDTH or len(set(out)) != len(out):
+        raise BalspecError(f"--draft-width: expected distinct whole numbers in 1..{MAX_DRAFT_WIDTH} like 1,3, "
+                           f"got {text!r}")
     if max(out) > 1 and temperature > 0:
         raise BalspecError("--draft-width > 1 needs greedy decoding (--temperature 0)")
     return out
@@ -173,12 +175,21 @@ def check_options(bm, opts: BenchOptions) -> None:
         raise BalspecError("bench needs exits: pass --exits-path (train them with `balspec train`)")
     validate_exits(list(opts.exits), bm.engine.num_layers)
     check_exits(opts.exits, bm.exits)
+    check_numbers(opts)
+    context = getattr(bm.model.config, "max_position_embeddings", None)
+    if context is not None and opts.max_new_tokens >= context:
+        raise BalspecError(f"--max-new-tokens ({opts.max_new_tokens}) must be below the model's context of "
+                           f"{context} tokens (prompts need room too)")
+
+
+def check_numbers(opts: BenchOptions) -> None:
+    """The numeric options that need no model: checked before anything is loaded."""
     if opts.max_new_tokens < 1:
         raise BalspecError(f"--max-new-tokens must be at least 1, got {opts.max_new_tokens}")
-    if opts.temperature < 0:
-        raise BalspecError(f"--temperature must be >= 0, got {opts.temperature}")
+    Sampling(opts.temperature)  # finite and >= 0
     if opts.warmup < 0:
         raise BalspecError(f"--warmup must be >= 0, got {opts.warmup}")
+    check_seed(opts.seed)
 
 
 def settings(opts: BenchOptions, sub_model_exits: list[int]) -> list[Setting]:

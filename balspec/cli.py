@@ -230,8 +230,9 @@ def bench(
     from balspec import report
     from balspec.exits import parse_exits, read_meta
     from balspec.generate import load
+    from balspec.files import check_output_file
     from balspec.info import resolve_exits_path
-    from balspec.models import parse_dtype
+    from balspec.models import check_device, parse_dtype
     from balspec.prompts import load_prompts
 
     # the cheap checks first: loading the model and measuring can take minutes
@@ -243,26 +244,31 @@ def bench(
     draft_widths = bench_lib.parse_draft_widths(draft_width, temperature)
     peer_names = bench_lib.parse_peers(peers)
     parse_dtype(dtype)
+    check_device(device)
+    if output:
+        check_output_file(output, "--output")
     if plot:
         report.require_matplotlib()
-    prompt_set = load_prompts(prompts, num_prompts)
-    bm = load(model=model, exits=path, dtype=dtype, device=device, draft_vocab=not full_draft_head)
+        check_output_file(plot, "--plot")
     opts = bench_lib.BenchOptions(exits=chosen, draft_lens=draft_lens, draft_widths=draft_widths,
                                   max_new_tokens=max_new_tokens,
                                   temperature=temperature, warmup=warmup, seed=seed, peers=peer_names,
                                   eos=not ignore_eos, early_exit=not no_early_exit)
+    bench_lib.check_numbers(opts)
+    prompt_set = load_prompts(prompts, num_prompts)
+    bm = load(model=model, exits=path, dtype=dtype, device=device, draft_vocab=not full_draft_head)
     bench_lib.check_options(bm, opts)
     with report.progress_bar() as on_step:
         result = bench_lib.run_bench(bm, prompt_set, opts, command=shlex.join(["balspec", *sys.argv[1:]]),
                                      exits_checkpoint=str(path), on_step=on_step)
+    if as_json:  # the results first: a file that cannot be written (a full disk) loses nothing measured
+        print(report.to_json(result))
+    else:
+        report.print_tables(result)
     if output:
         report.write_json(result, output)
     if plot:
         report.plot(result, plot)
-    if as_json:
-        print(report.to_json(result))
-    else:
-        report.print_tables(result)
 
 @app.command()
 def train(

@@ -66,3 +66,18 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # it exists, run by another user
         return True
     return True
+
+
+def check_output_file(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: its folder missing, a folder in its
+    place, or no write permission. (A disk that fills up later is reported when the write fails.)"""
+    from balspec.errors import BalspecError
+
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise BalspecError(f"{flag}: {path} is a directory; give a file name")
+    if not folder.is_dir():
+        raise BalspecError(f"{flag}: the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise BalspecError(f"{flag}: {path} is not writable")

@@ -18,8 +18,8 @@ import torch
 from balspec.errors import BalspecError
 from balspec.exits import Exits, load_exits, with_control_tokens
 from balspec.models import DEFAULT_ALIASES, default_device, load_model
-from balspec.sampling import Sampling, choose
-from balspec.speculative import AUTO_MAX_DRAFT, Cycle, Engine, sync_device
+from balspec.sampling import Sampling, check_seed, choose
+from balspec.speculative import AUTO_MAX_DRAFT, MAX_DRAFT_LEN, MAX_DRAFT_WIDTH, Cycle, Engine, sync_device
 
 MODES = ("full", "early-exit", "speculative")
 DEFAULT_EXITS_DIR = Path(__file__).parent / "default_exits"
@@ -136,6 +136,10 @@ class BalconyModel:
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
         if not prompt or not prompt.strip():
             raise BalspecError("the prompt is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # undecodable bytes of argv or a file arrive as lone surrogates
+            raise BalspecError(f"the prompt is not valid UTF-8 text (at character {e.start})") from None
         if chat and self.tokenizer.chat_template:
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                      add_generation_prompt=True, tokenize=True)
@@ -166,6 +170,7 @@ class BalconyModel:
         width = self._check_draft_width(draft_width, sampling)
         if max_new_tokens < 1:
             raise BalspecError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        check_seed(seed)
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise BalspecError("the prompt is empty")
@@ -248,15 +253,15 @@ class BalconyModel:
             k = int(draft_len)
         except (TypeError, ValueError):
             raise BalspecError(f"--draft-len must be a whole number >= 1 or 'auto', got {draft_len!r}") from None
-        if k < 1:
-            raise BalspecError(f"--draft-len must be >= 1, got {k}")
+        if not 1 <= k <= MAX_DRAFT_LEN:
+            raise BalspecError(f"--draft-len must lie in 1..{MAX_DRAFT_LEN} (or be 'auto'), got {k}")
         return k, False
 
     def _check_draft_width(self, draft_width: int | None, sampling: Sampling) -> int:
         if draft_width is None:
             return self.defaults["draft_width"] if sampling.greedy else 1
-        if not isinstance(draft_width, int) or isinstance(draft_width, bool) or draft_width < 1:
-            raise BalspecError(f"--draft-width must be a whole number >= 1, got {draft_width!r}")
+        if not isinstance(draft_width, int) or isinstance(draft_width, bool) or not 1 <= draft_width <= MAX_DRAFT_WIDTH:
+            raise BalspecError(f"--draft-width must be a whole number in 1..{MAX_DRAFT_WIDTH}, got {draft_width!r}")
         if draft_width > 1 and not sampling.greedy:
             raise BalspecError("--draft-width > 1 needs greedy decoding (--temperature 0); "
                                "sampling drafts a single chain")

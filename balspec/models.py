@@ -76,6 +76,7 @@ def write_model_dir(target: Path, model, tokenizer) -> Path:
     partial = partial_path(target)
     shutil.rmtree(partial, ignore_errors=True)
     try:
+        _make_writable_dir(target.parent)
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         apply_umask(partial)
@@ -84,11 +85,20 @@ def write_model_dir(target: Path, model, tokenizer) -> Path:
             os.replace(partial, target)
         except OSError:  # another process wrote it first, or something else lies there
             pass
+    except OSError as e:  # a read-only BALSPEC_HOME, a full disk
+        raise BalspecError(f"cannot write the model cache {target} ({e.strerror or e}); set BALSPEC_HOME "
+                           "to a writable directory with room for it") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     if not (target / "config.json").exists():
         raise BalspecError(f"{target} exists but holds no model balspec wrote: move it away and run again")
     return target
+
+
+def _make_writable_dir(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(13, "Permission denied", str(folder))
 
 
 def resolve_model(name: str | None) -> str:
@@ -118,6 +128,8 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = "float32", de
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # balspec reports its own progress; loading is quick
+    if device is not None:
+        check_device(device)  # before the load, which can take a while
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     path = resolve_model(name)
     try:  # safetensors only: a pickled checkpoint is never opened, not even by torch's restricted unpickler
@@ -130,7 +142,7 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = "float32", de
     if name in DEFAULT_ALIASES or name == TINY_NAME:
         model.config._name_or_path = DEFAULT_MODEL if name in DEFAULT_ALIASES else TINY_NAME
     if device is not None:
-        model.to(device)
+        model.to(check_device(device))
     return model, tokenizer
 
 
@@ -142,6 +154,30 @@ def _first_line(error: Exception) -> str:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | None) -> str:
+    """`device` (None: cuda when available, else cpu) -> a device this torch build can run on.
+
+    Raises BalspecError (one line) for a device torch does not know, or one this machine lacks."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BalspecError(f"--device: unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return device
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BalspecError(f"--device {device}: no CUDA device is available to this torch "
+                               f"({torch.__version__}); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise BalspecError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    if parsed.type == "mps" and torch.backends.mps.is_available():
+        return device
+    raise BalspecError(f"--device {device}: balspec runs on cpu or cuda (this torch cannot use {parsed.type})")
 
 
 def device_name(device) -> str:

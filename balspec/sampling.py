@@ -33,6 +33,12 @@ class Sampling:
         return self.temperature == 0
 
 
+def check_seed(seed: int | None, flag: str = "--seed") -> None:
+    """torch generators take seeds in [0, 2**64)."""
+    if seed is not None and not 0 <= seed < 2 ** 64:
+        raise BalspecError(f"{flag} must lie in [0, 2**64), got {seed}")
+
+
 def probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """[..., vocab] logits -> fp32 probabilities after temperature, top-k and top-p.
 

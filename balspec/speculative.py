@@ -19,6 +19,8 @@ from balspec.layers import decoder_layer, key_value
 from balspec.sampling import Sampling, accept_greedy, accept_sampling, choose, probabilities
 
 AUTO_MAX_DRAFT = 8  # "auto" drafts until the draft is unsure, at most this many tokens
+MAX_DRAFT_LEN = 64  # --draft-len bound: acceptance^k makes longer chains worthless, and the cache holds k rows
+MAX_DRAFT_WIDTH = 64  # --draft-width bound: each sibling is one more verify row
 AUTO_MIN_CONFIDENCE = 0.6  # ... where unsure means top probability below this (0.4/0.6/0.8 measured: 0.6 won)
 
 

@@ -172,7 +172,7 @@ def test_cli_json_is_one_document(monkeypatch, capsys, exits_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--exits", "3"], "error: --exits: 3 not in the exits checkpoint (it has 2,4)"),
-    (["--exits", "2", "--draft-len", "0"], "error: --draft-len: draft lengths must be >= 1, got 0"),
+    (["--exits", "2", "--draft-len", "0"], "error: --draft-len: draft lengths must lie in 1..64, got 0"),
     (["--exits", "a,b"], "error: --exits: expected comma-separated layer numbers"),
     (["--prompts", "/nonexistent/p.jsonl"], "error: --prompts: /nonexistent/p.jsonl is not a file"),
 ])

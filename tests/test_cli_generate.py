@@ -51,7 +51,7 @@ def test_generate_streams_text_and_reports_stats_on_stderr(exits_dir, capsys, mo
 
 @pytest.mark.parametrize("extra, message", [
     (["--mode", "speculative", "--exit", "3"], "exit 3 is not in the loaded checkpoint"),
-    (["--mode", "speculative", "--exit", "4", "--draft-len", "0"], "--draft-len must be >= 1"),
+    (["--mode", "speculative", "--exit", "4", "--draft-len", "0"], "--draft-len must lie in 1..64"),
     (["--temperature", "-0.5"], "--temperature must be a finite number >= 0"),
     (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
     (["--temperature", "1", "--top-p", "1.5"], "--top-p must lie in (0, 1]"),
