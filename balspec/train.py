@@ -91,20 +91,26 @@ def configure(recipe: str | None, sets: list[str], flags: dict, resume: bool) ->
     if not is_run:
         raise BalspecError(f"--resume: {output} holds no balspec run; nothing to resume")
     checkpoint = latest_checkpoint(output)
-    if checkpoint is not None:
-        recorded = read_meta(checkpoint)["training"]["config"]
-    else:
-        try:
-            recorded = json.loads((output / RUN_FILE).read_text())["config"]
-        except (ValueError, KeyError, TypeError):
-            raise BalspecError(f"--resume: {output / RUN_FILE} is damaged") from None
-    saved = config_from_dict(recorded, str(checkpoint or output / RUN_FILE))
+    saved = recorded_config(output, checkpoint)
     config = resolve_config(recipe, sets, flags, base=saved)
     changed = [k for k in changed_keys(saved, config) if k not in RESUMABLE_CHANGES]
     if changed:
         raise BalspecError(f"--resume: {changed[0]} differs from the run being resumed "
                            f"({get_value(saved, changed[0])!r} there); start a new run to change it")
     return config, checkpoint
+
+
+def recorded_config(output: Path, checkpoint: Path | None) -> TrainingConfig:
+    """The config a run recorded: in its latest checkpoint, or in run.json when it has none yet."""
+    source = checkpoint / "balspec.json" if checkpoint is not None else output / RUN_FILE
+    try:
+        if checkpoint is not None:
+            recorded = read_meta(checkpoint)["training"]["config"]
+        else:
+            recorded = json.loads(source.read_text())["config"]
+    except (ValueError, KeyError, TypeError):
+        raise BalspecError(f"--resume: {source} is damaged (no recorded config)") from None
+    return config_from_dict(recorded, str(source))
 
 
 def latest_checkpoint(output: Path) -> Path | None:
