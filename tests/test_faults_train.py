@@ -254,3 +254,25 @@ def test_temp_files_of_a_killed_save_are_removed_on_the_next_start(finished_run,
                             "--max-steps", "1"], capsys, monkeypatch)
     assert code == 0, err
     assert not (fresh / ".run.json.tmp").exists() and (fresh / "run.json").exists()
+
+
+def test_draft_exit_draws_do_not_depend_on_torch_global_generator(tmp_path, monkeypatch):
+    """Draft-kind exits draw their unverified rows per step from a generator seeded by (seed, step, process):
+    whatever else draws from torch's global generator (another library, a test before this one), a resumed run
+    trains to the uninterrupted run's weights bit for bit."""
+    sets = ["exits.draft=[2]", "train.max_steps=4", "train.save_every=2", "train.eval_every=0"]
+    train(tiny_config(tmp_path / "straight", *sets))
+    real_step, calls = train_module.train_step, []
+
+    def noisy_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        torch.rand(len(calls))  # someone else's draw from the global generator
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", noisy_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "resumed", *sets))
+    train(*configure(None, [], {"train.output": str(tmp_path / "resumed")}, resume=True))  # still noisy
+    assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight"))
