@@ -129,7 +129,7 @@ def check_not_busy(output: Path) -> None:
     """Refuse a run directory another process is training into (it holds the lock)."""
     if (output / LOCK_FILE).exists():
         with open(output / LOCK_FILE) as f:
-            _lock(f, output)
+            _lock(f, output, fcntl.LOCK_SH)  # shared: two processes checking at once do not see each other
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -137,16 +137,16 @@ def lock_run(output: Path):
     """Take the run's lock (held until the returned file is closed or the process ends)."""
     f = open(output / LOCK_FILE, "a")
     try:
-        _lock(f, output)
+        _lock(f, output, fcntl.LOCK_EX)
     except BalspecError:
         f.close()
         raise
     return f
 
 
-def _lock(f, output: Path) -> None:
+def _lock(f, output: Path, mode: int) -> None:
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         raise BalspecError(f"--output: another balspec train is writing to {output}; wait for it to end "
                            "or choose another directory") from None
@@ -216,7 +216,8 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
             window_tokens, window_seconds = 0, 0.0  # since the last metrics line: tokens/s excludes evals and saves
             while progress.step < c.train.max_steps:
                 t0 = time.perf_counter()
-                draws = torch.Generator().manual_seed(step_seed(c.train.seed, progress.step, accelerator.process_index))
+                draws = torch.Generator().manual_seed(step_seed(c.train.seed, progress.step,
+                                                                accelerator.process_index))
                 losses, grad_norm = train_step(model, parts, distiller, optimizer, blocks, accelerator, c, draws)
                 scheduler.step()
                 kl = dict(zip(exits.exits, accelerator.reduce(losses.kl, "mean").tolist()))
@@ -246,7 +247,7 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
             eval_metrics = evaluate(model, parts, distiller, eval_blocks, accelerator, c)
         if saved_step != progress.step:
             save_checkpoint(accelerator, distiller, optimizer, scheduler, blocks, progress, model, output,
-                                    record(), c)
+                            record(), c)
         final = gathered_exits(accelerator, distiller, model, c)
         if accelerator.is_main_process:
             save_exits(final, model, output, dtype=parts.head.weight.dtype, training=record())
