@@ -280,7 +280,8 @@ def train(
                                     "glob or hub dataset name (data.train)."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Optimizer steps (train.max_steps)."),
     output: str | None = typer.Option(None, "--output", "-o", help="Run directory (train.output)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint "
+                                "(from step 0 with its recorded config if it has none yet)."),
     overrides: list[str] = typer.Option([], "--set", help="Set any config key, e.g. --set optim.lr=3e-4 "
                                         "(repeatable; see the recipes for the keys)."),
 ) -> None:

@@ -147,7 +147,8 @@ class TrainingConfig:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(TrainingConfig))
 # Settings that may differ between a run and its --resume: they change no computed number.
-RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints"}
+RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+                     "train.output"}  # a run directory may be moved or copied
 
 
 def resolve_config(recipe: str | Path | None = None, sets: list[str] = (), flags: dict | None = None,

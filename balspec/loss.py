@@ -197,24 +197,26 @@ class Distiller(nn.Module):
 
     def forward(self, trunk: list[torch.Tensor], position_embeddings, teacher_hidden: torch.Tensor, head: nn.Linear,
                 labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
-                first_drafts: bool = False) -> ExitLosses:
+                first_drafts: bool = False, draws: torch.Generator | None = None) -> ExitLosses:
         """trunk: hidden states [batch, seq, hidden] at each exit; teacher_hidden: the final normed ones;
         loss_mask [batch, seq] bool: the positions the loss counts (None: all). The balconies run on every
         position (each needs its context); the head and the KL only on the counted ones.
 
         Draft-kind exits also read teacher_hidden (the verified context) and, per position, how many drafted
-        positions precede it unverified: r drawn uniformly from 0..draft_chain-1 (torch's RNG, so a resumed
-        run draws the same), as a chain of up to draft_chain drafts meets them; first_drafts: r = 0 everywhere
-        (evaluation: every position scored as the first draft of a cycle, deterministically)."""
+        positions precede it unverified: r drawn uniformly from 0..draft_chain-1 with the CPU generator `draws`
+        (training seeds one per step, so a resumed run draws the same; None: torch's global one), as a chain of
+        up to draft_chain drafts meets them; first_drafts: r = 0 everywhere (evaluation: every position scored
+        as the first draft of a cycle, deterministically)."""
         normed, unverified = [], None
         for e, h in zip(self.exits.exits, trunk):
             balcony = self.exits[e]
             h = h.to(balcony.norm.weight.dtype)
             extra = ()
             if balcony.kind == "draft":
-                if unverified is None:
-                    chain = 1 if first_drafts else self.draft_chain
-                    unverified = torch.randint(0, chain, h.shape[:2], device=h.device)  # [batch, seq]
+                if unverified is None and first_drafts:
+                    unverified = torch.zeros(h.shape[:2], dtype=torch.long, device=h.device)  # [batch, seq]
+                elif unverified is None:
+                    unverified = torch.randint(0, self.draft_chain, h.shape[:2], generator=draws).to(h.device)
                 extra = (teacher_hidden.to(h.dtype), unverified)
             if self.checkpointing and torch.is_grad_enabled():
                 out = checkpoint(balcony, h, position_embeddings, *extra, use_reentrant=False)

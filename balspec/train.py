@@ -3,21 +3,27 @@
 Run directory (`train.output`):
     run.json                 marks a balspec run; the resolved config it started with
     metrics.jsonl            one JSON line per log step and per evaluation
-    checkpoints/step-NNNNNNN accelerate state (balconies, optimizer, RNG) + scheduler, data position,
-                             progress; also a loadable exits checkpoint (exits.safetensors + balspec.json)
+    checkpoints/step-NNNNNNN a loadable exits checkpoint (exits.safetensors + balspec.json) and the state
+                             that resumes it exactly, in safetensors + JSON (see trainstate.py; no pickle)
     exits.safetensors, balspec.json   the final exits: `load_exits(model, output)`
-Checkpoints are written to a hidden temp directory and renamed into place, so none is ever half-written.
-Everything a user can get wrong is checked before the first file is written.
+    .lock                    held by the process writing the run: a second one is refused
+Checkpoints are written to a hidden temp directory and renamed into place, so none is ever half-written;
+temp files a killed run left are removed by the next start. The directory may be moved or copied and resumed
+where it is. Everything a user can get wrong is checked before the first file is written.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import math
 import os
 import resource
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,10 +44,14 @@ from balspec.errors import BalspecError
 from balspec.exits import Exits, attach_exits, init_exits_from, model_parts, read_meta, save_exits
 from balspec.loss import Distiller, ExitLosses, next_token_labels, teacher_forward
 from balspec.models import device_name, load_model
+from balspec.trainstate import load_state, save_state
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+LOCK_FILE = ".lock"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,23 +71,27 @@ class RunProgress:
 
 
 def configure(recipe: str | None, sets: list[str], flags: dict, resume: bool) -> tuple[TrainingConfig, Path | None]:
-    """The run's config and the checkpoint to resume from; refuses an output directory it must not touch."""
+    """The run's config and the checkpoint to resume from (None: start at step 0, for --resume too when the run
+    was stopped before its first checkpoint, with the config it recorded); refuses an output directory it must
+    not touch."""
     config = resolve_config(recipe, sets, flags)
     output = Path(config.train.output)
     if output.exists() and not output.is_dir():
         raise BalspecError(f"--output: {output} is a file, not a directory")
+    if _main_process():
+        check_not_busy(output)
     is_run = (output / RUN_FILE).exists()
-    if output.exists() and any(output.iterdir()) and not is_run:
+    if output.exists() and not is_run and set(output.iterdir()) - set(stale_files(output)) - {output / LOCK_FILE}:
         raise BalspecError(f"--output: {output} holds other files (not a balspec run); choose a new or empty directory")
     if not resume:
         if is_run:
             raise BalspecError(f"--output: {output} already holds a balspec run; add --resume to continue it "
                                "or choose another directory")
         return config, None
+    if not is_run:
+        raise BalspecError(f"--resume: {output} holds no balspec run; nothing to resume")
     checkpoint = latest_checkpoint(output)
-    if checkpoint is None:
-        raise BalspecError(f"--resume: {output} has no checkpoint to resume from")
-    saved = config_from_dict(read_meta(checkpoint)["training"]["config"], str(checkpoint))
+    saved = recorded_config(output, checkpoint)
     config = resolve_config(recipe, sets, flags, base=saved)
     changed = [k for k in changed_keys(saved, config) if k not in RESUMABLE_CHANGES]
     if changed:
@@ -86,9 +100,61 @@ def configure(recipe: str | None, sets: list[str], flags: dict, resume: bool) ->
     return config, checkpoint
 
 
+def recorded_config(output: Path, checkpoint: Path | None) -> TrainingConfig:
+    """The config a run recorded: in its latest checkpoint, or in run.json when it has none yet."""
+    source = checkpoint / "balspec.json" if checkpoint is not None else output / RUN_FILE
+    try:
+        if checkpoint is not None:
+            recorded = read_meta(checkpoint)["training"]["config"]
+        else:
+            recorded = json.loads(source.read_text())["config"]
+    except (ValueError, KeyError, TypeError):
+        raise BalspecError(f"--resume: {source} is damaged (no recorded config)") from None
+    return config_from_dict(recorded, str(source))
+
+
 def latest_checkpoint(output: Path) -> Path | None:
     done = [p for p in (output / CHECKPOINTS).glob("step-*") if (p / "balspec.json").exists()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def stale_files(output: Path) -> list[Path]:
+    """Temp files and partial checkpoints a killed run left: balspec writes each under a hidden name and renames
+    it into place, so these are never part of the run."""
+    names = [f".{name}.*" for name in (RUN_FILE, METRICS_FILE, "exits.safetensors", "balspec.json")]
+    return [p for pattern in names for p in output.glob(pattern)] + list((output / CHECKPOINTS).glob(".step-*"))
+
+
+def check_not_busy(output: Path) -> None:
+    """Refuse a run directory another process is training into (it holds the lock)."""
+    if (output / LOCK_FILE).exists():
+        with open(output / LOCK_FILE) as f:
+            _lock(f, output, fcntl.LOCK_SH)  # shared: two processes checking at once do not see each other
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def lock_run(output: Path):
+    """Take the run's lock (held until the returned file is closed or the process ends)."""
+    f = open(output / LOCK_FILE, "a")
+    try:
+        _lock(f, output, fcntl.LOCK_EX)
+    except BalspecError:
+        f.close()
+        raise
+    return f
+
+
+def _lock(f, output: Path, mode: int) -> None:
+    try:
+        fcntl.flock(f, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BalspecError(f"--output: another balspec train is writing to {output}; wait for it to end "
+                           "or choose another directory") from None
+
+
+def _main_process() -> bool:
+    """Before accelerate is set up: torchrun and `accelerate launch` give each process its RANK."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
@@ -107,94 +173,131 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
     parts = model_parts(model)
     exits = attach_exits(model, c.exits.layers, c.exits.norm_init, c.exits.layer_init, c.exits.balcony_layers,
                          seed=c.train.seed, draft_exits=c.exits.draft).float()  # fp32 master weights whatever the base dtype
-    if c.exits.init_from:
+    if c.exits.init_from and resume_from is None:  # resumed: the checkpoint's weights replace them anyway
         init_exits_from(exits, model, c.exits.init_from)
     blocks, eval_blocks = load_blocks(c.data, tokenizer, c.train.seed, accelerator.process_index,
                                       accelerator.num_processes)  # eval_blocks: all of them, a Batch
 
     output = Path(c.train.output)
-    if accelerator.is_main_process and resume_from is None:
-        output.mkdir(parents=True, exist_ok=True)
-        _write_json(output / RUN_FILE, {"balspec_version": __version__, "config": config_to_dict(config)})
-    distiller = Distiller(exits, c.loss.ce_weight, c.loss.chunk_size, c.train.gradient_checkpointing,
-                          c.exits.draft_chain)
-    optimizer = build_optimizer(distiller, c)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(c))
-    distiller, optimizer = accelerator.prepare(distiller, optimizer)
-    progress = RunProgress()
-    # Not prepared: a prepared scheduler steps once per process; this one steps once per optimizer step.
-    accelerator.register_for_checkpointing(scheduler, blocks, progress)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+    with run_directory(output, accelerator, config, resume_from):
+        distiller = Distiller(exits, c.loss.ce_weight, c.loss.chunk_size, c.train.gradient_checkpointing,
+                              c.exits.draft_chain)
+        optimizer = build_optimizer(distiller, c)
+        # Not prepared: a prepared scheduler steps once per process; this one steps once per optimizer step.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(c))
+        distiller, optimizer = accelerator.prepare(distiller, optimizer)
+        progress = RunProgress()
+        if resume_from is not None:
+            load_state(resume_from, accelerator, accelerator.unwrap_model(distiller).exits, optimizer, scheduler,
+                       blocks, progress)
         if accelerator.is_main_process:
-            _truncate_metrics(output / METRICS_FILE, progress.step)
-    saved_step = progress.step if resume_from is not None else -1
-    resumed_at = progress.step if resume_from is not None else None
+            _truncate_metrics(output / METRICS_FILE, progress.step)  # lines the resumed run logs again
+        saved_step = progress.step if resume_from is not None else -1
+        resumed_at = progress.step if resume_from is not None else None
 
-    tokens_per_step = c.optim.batch_size * c.data.block_size * c.optim.grad_accum * accelerator.num_processes
-    data_info = {"train": c.data.train, "heldout": c.data.heldout, "block_size": c.data.block_size,
-                 "train_on": c.data.train_on,
-                 "train_blocks": len(blocks) if hasattr(blocks, "__len__") else None,
-                 "heldout_blocks": len(eval_blocks)}
-    eval_metrics: dict = {}
-    wall_base = progress.wall_seconds
+        tokens_per_step = c.optim.batch_size * c.data.block_size * c.optim.grad_accum * accelerator.num_processes
+        data_info = {"train": c.data.train, "heldout": c.data.heldout, "block_size": c.data.block_size,
+                     "train_on": c.data.train_on,
+                     "train_blocks": len(blocks) if hasattr(blocks, "__len__") else None,
+                     "heldout_blocks": len(eval_blocks)}
+        eval_metrics: dict = {}
+        wall_base = progress.wall_seconds
 
-    def elapsed() -> float:
-        progress.wall_seconds = wall_base + time.perf_counter() - started
-        return progress.wall_seconds
+        def elapsed() -> float:
+            progress.wall_seconds = wall_base + time.perf_counter() - started
+            return progress.wall_seconds
 
-    def record() -> dict:
-        elapsed()
-        return training_record(config, progress, accelerator, data_info, eval_metrics, resumed_at)
+        def record() -> dict:
+            elapsed()
+            return training_record(config, progress, accelerator, data_info, eval_metrics, resumed_at)
 
-    with progress_bar(accelerator.is_main_process) as bar:
-        task = bar.add_task("train", total=c.train.max_steps, completed=progress.step, info="")
-        window_tokens, window_seconds = 0, 0.0  # since the last metrics line: tokens/s excludes evals and saves
-        while progress.step < c.train.max_steps:
-            t0 = time.perf_counter()
-            losses, grad_norm = train_step(model, parts, distiller, optimizer, blocks, accelerator, c)
-            scheduler.step()
-            kl = dict(zip(exits.exits, accelerator.reduce(losses.kl, "mean").tolist()))
-            seconds = time.perf_counter() - t0
-            progress.step, progress.tokens = progress.step + 1, progress.tokens + tokens_per_step
-            progress.train_seconds += seconds
-            window_tokens, window_seconds = window_tokens + tokens_per_step, window_seconds + seconds
-            lr = scheduler.get_last_lr()[0]
-            per_exit = " ".join(f"{e}:{v:.3f}" for e, v in kl.items())
-            bar.update(task, completed=progress.step,
-                       info=f"kl {per_exit} | {window_tokens / window_seconds:,.0f} tok/s | lr {lr:.2e}")
-            last = progress.step == c.train.max_steps
-            if last or progress.step % c.train.log_every == 0:
-                _append_metrics(accelerator, output, {
-                    "step": progress.step, "loss": sum(kl.values()), **{f"kl/{e}": v for e, v in kl.items()},
-                    "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": progress.tokens,
-                    "tokens_per_s": window_tokens / window_seconds, "elapsed_s": round(elapsed(), 2)})
-                window_tokens, window_seconds = 0, 0.0
-            if len(eval_blocks) and (last or c.train.eval_every and progress.step % c.train.eval_every == 0):
-                eval_metrics = evaluate(model, parts, distiller, eval_blocks, accelerator, c)
-                _append_metrics(accelerator, output, {"step": progress.step, **eval_metrics})
-            if last or c.train.save_every and progress.step % c.train.save_every == 0:
-                save_checkpoint(accelerator, distiller, model, output, progress.step, record(), c)
-                saved_step = progress.step
-    if len(eval_blocks) and not eval_metrics:  # a finished run resumed: nothing trained, evaluate anyway
-        eval_metrics = evaluate(model, parts, distiller, eval_blocks, accelerator, c)
-    if saved_step != progress.step:
-        save_checkpoint(accelerator, distiller, model, output, progress.step, record(), c)
-    final = gathered_exits(accelerator, distiller, model, c)
-    if accelerator.is_main_process:
-        save_exits(final, model, output, dtype=parts.head.weight.dtype, training=record())
-    accelerator.wait_for_everyone()
+        with progress_bar(accelerator.is_main_process) as bar:
+            task = bar.add_task("train", total=c.train.max_steps, completed=progress.step, info="")
+            window_tokens, window_seconds = 0, 0.0  # since the last metrics line: tokens/s excludes evals and saves
+            while progress.step < c.train.max_steps:
+                t0 = time.perf_counter()
+                draws = torch.Generator().manual_seed(step_seed(c.train.seed, progress.step,
+                                                                accelerator.process_index))
+                losses, grad_norm = train_step(model, parts, distiller, optimizer, blocks, accelerator, c, draws)
+                scheduler.step()
+                kl = dict(zip(exits.exits, accelerator.reduce(losses.kl, "mean").tolist()))
+                seconds = time.perf_counter() - t0
+                progress.step, progress.tokens = progress.step + 1, progress.tokens + tokens_per_step
+                progress.train_seconds += seconds
+                window_tokens, window_seconds = window_tokens + tokens_per_step, window_seconds + seconds
+                lr = scheduler.get_last_lr()[0]
+                per_exit = " ".join(f"{e}:{v:.3f}" for e, v in kl.items())
+                bar.update(task, completed=progress.step,
+                           info=f"kl {per_exit} | {window_tokens / window_seconds:,.0f} tok/s | lr {lr:.2e}")
+                last = progress.step == c.train.max_steps
+                if last or progress.step % c.train.log_every == 0:
+                    _append_metrics(accelerator, output, {
+                        "step": progress.step, "loss": sum(kl.values()), **{f"kl/{e}": v for e, v in kl.items()},
+                        "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": progress.tokens,
+                        "tokens_per_s": window_tokens / window_seconds, "elapsed_s": round(elapsed(), 2)})
+                    window_tokens, window_seconds = 0, 0.0
+                if len(eval_blocks) and (last or c.train.eval_every and progress.step % c.train.eval_every == 0):
+                    eval_metrics = evaluate(model, parts, distiller, eval_blocks, accelerator, c)
+                    _append_metrics(accelerator, output, {"step": progress.step, **eval_metrics})
+                if last or c.train.save_every and progress.step % c.train.save_every == 0:
+                    save_checkpoint(accelerator, distiller, optimizer, scheduler, blocks, progress, model, output,
+                                    record(), c)
+                    saved_step = progress.step
+        if len(eval_blocks) and not eval_metrics:  # a finished run resumed: nothing trained, evaluate anyway
+            eval_metrics = evaluate(model, parts, distiller, eval_blocks, accelerator, c)
+        if saved_step != progress.step:
+            save_checkpoint(accelerator, distiller, optimizer, scheduler, blocks, progress, model, output,
+                            record(), c)
+        final = gathered_exits(accelerator, distiller, model, c)
+        if accelerator.is_main_process:
+            save_exits(final, model, output, dtype=parts.head.weight.dtype, training=record())
+        accelerator.wait_for_everyone()
     return output
 
 
-def train_step(model, parts, distiller, optimizer, blocks, accelerator, c: TrainingConfig):
-    """One optimizer step over grad_accum batches. Returns (mean ExitLosses, grad norm or None)."""
+@contextmanager
+def run_directory(output: Path, accelerator, config: TrainingConfig, resume_from: Path | None):
+    """The main process holds the run's lock while the body trains into `output`; first it removes what a killed
+    run left and, unless resuming from a checkpoint, writes run.json."""
+    lock = None
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        lock = lock_run(output)
+    try:
+        if accelerator.is_main_process:
+            if resume_from is None and latest_checkpoint(output) is not None:  # a run started there meanwhile
+                raise BalspecError(f"--output: {output} already holds a balspec run; add --resume to continue it "
+                                   "or choose another directory")
+            for path in stale_files(output):
+                log.warning("removing %s, left by an interrupted run", path)
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            if resume_from is None:
+                _write_json(output / RUN_FILE, {"balspec_version": __version__, "config": config_to_dict(config)})
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def step_seed(seed: int, step: int, process: int) -> int:
+    """The seed of one step's random draws on one process: a resumed run draws what the uninterrupted one did,
+    whatever else used torch's global generator in between."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{process}".encode()).digest()[:8], "little")
+
+
+def train_step(model, parts, distiller, optimizer, blocks, accelerator, c: TrainingConfig,
+               draws: torch.Generator | None = None):
+    """One optimizer step over grad_accum batches. Returns (mean ExitLosses, grad norm or None).
+    draws: the step's random draws (draft-kind exits' unverified rows)."""
     kl = ce = agree = 0.0
     grad_norm = None
     for _ in range(c.optim.grad_accum):
         batch = blocks.next_batch(c.optim.batch_size).to(accelerator.device)  # [batch, block]
         with accelerator.accumulate(distiller):
-            losses = distill_batch(model, parts, distiller, batch, accelerator, c)
+            losses = distill_batch(model, parts, distiller, batch, accelerator, c, draws=draws)
             accelerator.backward(losses.loss.sum())
             if accelerator.sync_gradients and c.optim.grad_clip > 0:
                 grad_norm = accelerator.clip_grad_norm_(distiller.parameters(), c.optim.grad_clip)
@@ -206,7 +309,7 @@ def train_step(model, parts, distiller, optimizer, blocks, accelerator, c: Train
 
 
 def distill_batch(model, parts, distiller, blocks: Batch, accelerator, c: TrainingConfig,
-                  first_drafts: bool = False) -> ExitLosses:
+                  first_drafts: bool = False, draws: torch.Generator | None = None) -> ExitLosses:
     """The teacher's no-grad forward, then the balconies and their losses on one batch [batch, block].
     first_drafts: draft-kind exits are scored as a cycle's first draft at every position (evaluation)."""
     input_ids = blocks.input_ids
@@ -218,7 +321,7 @@ def distill_batch(model, parts, distiller, blocks: Batch, accelerator, c: Traini
             position_embeddings = parts.rotary(trunk[0], position_ids)
         labels = next_token_labels(input_ids) if c.loss.ce_weight > 0 else None
         return distiller(trunk, position_embeddings, teacher_hidden, parts.head, labels, blocks.loss_mask,
-                         first_drafts)
+                         first_drafts, draws)
 
 
 def evaluate(model, parts, distiller, eval_blocks: Batch, accelerator, c: TrainingConfig) -> dict:
@@ -258,17 +361,19 @@ def cosine_schedule(c: TrainingConfig):
     return factor
 
 
-def save_checkpoint(accelerator, distiller, model, output: Path, step: int, training: dict,
-                    c: TrainingConfig) -> Path:
-    """accelerate state + an exits checkpoint, written to a temp directory and renamed into place."""
+def save_checkpoint(accelerator, distiller, optimizer, scheduler, blocks, progress: RunProgress, model,
+                    output: Path, training: dict, c: TrainingConfig) -> Path:
+    """An exits checkpoint and the state that resumes training from it (trainstate.py), written to a temp
+    directory and renamed into place."""
     root = output / CHECKPOINTS
-    final, partial = root / f"step-{step:07d}", root / f".step-{step:07d}.partial"
+    final, partial = root / f"step-{progress.step:07d}", root / f".step-{progress.step:07d}.partial"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    save_state(partial, accelerator, optimizer, scheduler, blocks, progress)
     exits = gathered_exits(accelerator, distiller, model, c)
+    accelerator.wait_for_everyone()  # every process's part is in `partial` before it is renamed
     if accelerator.is_main_process:
         save_exits(exits, model, partial, training=training)
         shutil.rmtree(final, ignore_errors=True)  # only when an older run reached this step: replace it
@@ -323,12 +428,21 @@ def _append_metrics(accelerator, output: Path, line: dict) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint being resumed: the resumed run logs those steps again."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, path)
+    """Drop lines logged after the checkpoint being resumed (the resumed run logs those steps again) and lines
+    torn by a crash, with a warning."""
+    if not path.exists():
+        return
+    keep = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            if line.strip():
+                log.warning("%s: line %d is not a metrics line (torn by a crash?); dropped", path, number)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -308,7 +308,7 @@ BAD_INPUTS = {
     "dataset under one block": (["--data", "{tmp}/short.txt"], "gives 0 blocks"),
     "unknown train_on": (["--set", "data.train_on=answers"], "data.train_on: must be one of all, assistant"),
     "output holds something else": (["--output", "{tmp}/other"], "not a balspec run"),
-    "nothing to resume": (["--resume"], "no checkpoint to resume from"),
+    "nothing to resume": (["--resume"], "holds no balspec run; nothing to resume"),
 }
 
 
