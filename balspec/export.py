@@ -20,7 +20,7 @@ from torch import nn
 
 from balspec.errors import BalspecError
 from balspec.exits import Exits, base_model_info, model_parts
-from balspec.files import apply_umask, partial_path, remove_stale_partials
+from balspec.files import apply_umask, check_output_dir, partial_path, remove_stale_partials
 
 EXPORT_FILE = "balspec_export.json"  # provenance; also marks a directory --force may replace
 _PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")  # config lists with one entry per decoder layer
@@ -70,6 +70,7 @@ def check_output(output: str | Path, force: bool) -> None:
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise BalspecError(f"--output: {output} exists and is not a directory")
+    check_output_dir(output, "--output")
     if not output.is_dir() or not any(output.iterdir()):
         return
     if not force:

@@ -81,3 +81,18 @@ def check_output_file(path: str | Path, flag: str) -> None:
         raise BalspecError(f"{flag}: the directory {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise BalspecError(f"{flag}: {path} is not writable")
+
+
+def check_output_dir(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, an output directory that cannot be created or written: a file in its place or
+    on its way, or a folder without write permission."""
+    from balspec.errors import BalspecError
+
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BalspecError(f"{flag}: {path} cannot be a directory: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BalspecError(f"{flag}: {existing} is not writable")

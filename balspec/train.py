@@ -42,6 +42,7 @@ from balspec.config import (
 from balspec.data import Batch, load_blocks
 from balspec.errors import BalspecError
 from balspec.exits import Exits, attach_exits, init_exits_from, model_parts, read_meta, save_exits
+from balspec.files import check_output_dir
 from balspec.loss import Distiller, ExitLosses, next_token_labels, teacher_forward
 from balspec.models import device_name, load_model
 from balspec.trainstate import load_state, save_state
@@ -78,6 +79,7 @@ def configure(recipe: str | None, sets: list[str], flags: dict, resume: bool) ->
     output = Path(config.train.output)
     if output.exists() and not output.is_dir():
         raise BalspecError(f"--output: {output} is a file, not a directory")
+    check_output_dir(output, "--output")
     if _main_process():
         check_not_busy(output)
     is_run = (output / RUN_FILE).exists()

@@ -85,3 +85,16 @@ def test_an_unwritable_balspec_home_is_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("BALSPEC_HOME", str(blocker / "home"))  # root ignores permission bits: use a file
     code, _, err = run_cli(["generate", "hello", "--model", "tiny-random"], capsys, monkeypatch)
     one_line_error(code, err, "cannot write the model cache")
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--recipe", "recipes/tiny.yaml", "--output"],
+    ["export", "--model", "tiny-random", "--exit", "2", "--output"],
+])
+def test_an_output_directory_that_cannot_be_made_is_one_line(exits_dir, capsys, monkeypatch, tmp_path,  # noqa: F811
+                                                              command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    extra = ["--exits-path", exits_dir] if command[0] == "export" else []
+    code, _, err = run_cli([*command, str(blocker / "run"), *extra], capsys, monkeypatch)
+    one_line_error(code, err, f"cannot be a directory: {blocker} is a file")
