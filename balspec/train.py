@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import time
@@ -115,9 +116,17 @@ def recorded_config(output: Path, checkpoint: Path | None) -> TrainingConfig:
     return config_from_dict(recorded, str(source))
 
 
+def checkpoints(output: Path) -> list[Path]:
+    """The completed checkpoints balspec wrote in a run directory (`step-NNNNNNN` holding balspec.json), oldest
+    first; anything else a user put in `checkpoints/` is neither read nor pruned."""
+    done = [p for p in (output / CHECKPOINTS).glob("step-*")
+            if re.fullmatch(r"step-\d+", p.name) and p.is_dir() and (p / "balspec.json").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
 def latest_checkpoint(output: Path) -> Path | None:
-    done = [p for p in (output / CHECKPOINTS).glob("step-*") if (p / "balspec.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    done = checkpoints(output)
+    return done[-1] if done else None
 
 
 def stale_files(output: Path) -> list[Path]:
@@ -380,8 +389,7 @@ def save_checkpoint(accelerator, distiller, optimizer, scheduler, blocks, progre
         save_exits(exits, model, partial, training=training)
         shutil.rmtree(final, ignore_errors=True)  # only when an older run reached this step: replace it
         os.replace(partial, final)
-        done = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in done[:-c.train.keep_checkpoints]:
+        for old in checkpoints(output)[:-c.train.keep_checkpoints]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

@@ -276,3 +276,17 @@ def test_draft_exit_draws_do_not_depend_on_torch_global_generator(tmp_path, monk
         train(tiny_config(tmp_path / "resumed", *sets))
     train(*configure(None, [], {"train.output": str(tmp_path / "resumed")}, resume=True))  # still noisy
     assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight"))
+
+
+def test_pruning_and_resume_ignore_what_a_user_put_in_checkpoints(tmp_path, finished_run):
+    """Only `step-NNNNNNN` directories balspec wrote are read or pruned; a user's `step-best` survives."""
+    run = copy_run(finished_run, tmp_path / "run", keep_step=2)
+    for name in ("step-best", "step-0000003-notes"):
+        (run / "checkpoints" / name).mkdir()
+        (run / "checkpoints" / name / "mine.txt").write_text("keep me")
+    config, checkpoint = configure(None, [], {"train.output": str(run)}, resume=True)
+    assert checkpoint.name == "step-0000002"
+    train(config, checkpoint)
+    assert_same_weights(final_weights(run), final_weights(finished_run))
+    for name in ("step-best", "step-0000003-notes"):
+        assert (run / "checkpoints" / name / "mine.txt").read_text() == "keep me"
