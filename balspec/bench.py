@@ -396,6 +396,7 @@ def describe(bm, prompt_set: PromptSet, opts: BenchOptions, command: str, exits_
     from balspec import __version__
 
     return {"device": device_name(bm.device), "dtype": str(bm.engine.dtype).replace("torch.", ""),
+            "logits_dtype": bm.engine.logits_dtype,
             "model": getattr(bm.model.config, "_name_or_path", "") or type(bm.model).__name__,
             "exits_checkpoint": exits_checkpoint,
             "draft_vocab": None if bm.engine.draft_vocab is None else int(bm.engine.draft_vocab.numel()),

@@ -47,6 +47,8 @@ def generate(
                                          "exits store a reduced draft vocabulary (same output, slower drafts)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    logits_dtype: str = typer.Option("float32", "--logits-dtype", help="The full model's LM head in float32 "
+                                     "(default; bf16/fp16 models: no ties from rounded logits) or 'model' (its dtype)."),
 ) -> None:
     """Generate text with the full model, an exit's sub-model, or speculatively (exact full-model output).
 
@@ -69,7 +71,8 @@ def generate(
     from balspec import stream
     from balspec.generate import load
 
-    bm = load(model=model, exits=exits_path, dtype=dtype, device=device, draft_vocab=not full_draft_head)
+    bm = load(model=model, exits=exits_path, dtype=dtype, device=device, draft_vocab=not full_draft_head,
+              logits_dtype=logits_dtype)
     kwargs = dict(mode=mode, exit=exit_layer, draft_len=draft_len, draft_width=draft_width,
                   max_new_tokens=max_new_tokens,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=not raw, stop=stop)
@@ -206,6 +209,8 @@ def bench(
                                          "exits store a reduced draft vocabulary (same output, slower drafts)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    logits_dtype: str = typer.Option("float32", "--logits-dtype", help="The full model's LM head in float32 "
+                                     "(default; bf16/fp16 models: no ties from rounded logits) or 'model' (its dtype)."),
 ) -> None:
     """Measure acceptance, tokens per cycle (tau) and wall-clock speedup per exit and draft length.
 
@@ -256,7 +261,8 @@ def bench(
                                   eos=not ignore_eos, early_exit=not no_early_exit)
     bench_lib.check_numbers(opts)
     prompt_set = load_prompts(prompts, num_prompts)
-    bm = load(model=model, exits=path, dtype=dtype, device=device, draft_vocab=not full_draft_head)
+    bm = load(model=model, exits=path, dtype=dtype, device=device, draft_vocab=not full_draft_head,
+              logits_dtype=logits_dtype)
     bench_lib.check_options(bm, opts)
     with report.progress_bar() as on_step:
         result = bench_lib.run_bench(bm, prompt_set, opts, command=shlex.join(["balspec", *sys.argv[1:]]),

@@ -14,10 +14,12 @@ import torch
 
 from balspec import skinny
 from balspec.cache import KVCache
+from balspec.errors import BalspecError
 from balspec.exits import Exits, model_parts
 from balspec.layers import decoder_layer, key_value
 from balspec.sampling import Sampling, accept_greedy, accept_sampling, choose, probabilities
 
+LOGITS_DTYPES = ("float32", "model")
 AUTO_MAX_DRAFT = 8  # "auto" drafts until the draft is unsure, at most this many tokens
 MAX_DRAFT_LEN = 64  # --draft-len bound: acceptance^k makes longer chains worthless, and the cache holds k rows
 MAX_DRAFT_WIDTH = 64  # --draft-width bound: each sibling is one more verify row
@@ -36,7 +38,8 @@ class Cycle:
 class Engine:
     """Runs ranges of decoder layers of a frozen causal LM and its balconies over one KV cache."""
 
-    def __init__(self, model: torch.nn.Module, exits: Exits | None = None, draft_vocab: torch.Tensor | None = None):
+    def __init__(self, model: torch.nn.Module, exits: Exits | None = None, draft_vocab: torch.Tensor | None = None,
+                 logits_dtype: str = "float32"):
         self.model = model
         self.parts = model_parts(model)
         self.exits = exits
@@ -45,6 +48,16 @@ class Engine:
         weight = self.parts.head.weight.detach()
         self.device, self.dtype = weight.device, weight.dtype
         self.vocab_size = weight.shape[0]
+        # The full model's logits (every mode's and the verify's): "float32" computes the LM head's product in
+        # fp32 on the final normed states when the model runs in bf16/fp16, so two tokens are never tied by
+        # bf16 rounding of the logits (the verify pass over k + 1 rows and a one-row full step then agree far
+        # more often; README: exactness policy). "model" keeps the model's dtype. fp32 models: no difference.
+        if logits_dtype not in LOGITS_DTYPES:
+            raise BalspecError(f"--logits-dtype must be one of {', '.join(LOGITS_DTYPES)}, got {logits_dtype!r}")
+        self.logits_dtype = "model" if self.dtype == torch.float32 else logits_dtype
+        head_bias = getattr(self.parts.head, "bias", None)
+        self.head32 = (weight.float(), None if head_bias is None else head_bias.detach().float()) \
+            if self.logits_dtype == "float32" else None
         # CPU: products over a few rows run as W @ x^T where this machine measures that faster (skinny.py)
         trunk_weights = [m.weight for m in self.parts.layers.modules() if type(m) is torch.nn.Linear]
         self.skinny = self.device.type == "cpu" and skinny.prefer_skinny(trunk_weights)
@@ -131,7 +144,16 @@ class Engine:
         return hidden
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.parts.head(self.parts.norm(hidden))  # [1, q, vocab]
+        """Last trunk layer's output [1, q, hidden] -> the full model's logits [1, q, vocab]."""
+        return self.head_logits(self.parts.norm(hidden))
+
+    def head_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Final normed states [1, q, hidden] -> the full model's logits [1, q, vocab] (fp32 under the
+        "float32" policy, else the model's dtype)."""
+        if self.head32 is None:
+            return self.parts.head(normed)
+        weight, bias = self.head32
+        return self.linear(normed.float(), weight, bias)
 
     def is_draft_kind(self, exit_layer: int) -> bool:
         return self.exits[exit_layer].kind == "draft"
@@ -171,7 +193,7 @@ class Engine:
         if mode == "speculative" and self.is_draft_kind(exit_layer):  # its balcony reads the verified states
             final = self.parts.norm(self.run_layers(exit_hidden, exit_layer, self.num_layers, 0))  # [1, P, hidden]
             self.write_deep(exit_layer, final, 0)
-            return self.parts.head(final[:, -1:])[0]
+            return self.head_logits(final[:, -1:])[0]
         normed = self.run_balcony(exit_layer, exit_hidden, 0)
         if mode == "early-exit":
             return self.parts.head(normed[:, -1:])[0]
@@ -228,7 +250,7 @@ class Engine:
             exit_hidden.append(self.run_layers(self.embed(torch.cat(pending, 1)), 0, e, start + first, rows))
         rows = self.rows(start, tree.size, tree)
         final = self.parts.norm(self.run_layers(torch.cat(exit_hidden, 1), e, n_layers, start, rows))  # [1, rows, hidden]
-        p_logits = self.parts.head(final)[0]  # [rows, vocab]
+        p_logits = self.head_logits(final)[0]  # [rows, vocab]
         # 3. Accept: p_i scores d_i; p_{k+1} gives the bonus token. A rejected d_1 may be replaced by the
         #    sibling the full model chose, whose own row then gives the bonus token.
         sibling = None

@@ -22,10 +22,10 @@ def sharp_model(num_layers=6, seed=0):
     return model
 
 
-def make_bm(model=None, exits=EXITS, draft_vocab=None):
+def make_bm(model=None, exits=EXITS, draft_vocab=None, logits_dtype="float32"):
     model = model or sharp_model()
     modules = attach_exits(model, exits).requires_grad_(False).eval()
-    return BalconyModel(model, tiny_tokenizer(), modules, draft_vocab=draft_vocab)
+    return BalconyModel(model, tiny_tokenizer(), modules, draft_vocab=draft_vocab, logits_dtype=logits_dtype)
 
 
 def identity_tail(model, first):
@@ -278,13 +278,13 @@ def test_stop_string_inside_drafts(bm):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"mode": "speculative", "exit": 2}, "exit 2 is not in the loaded checkpoint"),
-    ({"mode": "speculative", "exit": 3, "draft_len": 0}, "--draft-len must be >= 1"),
+    ({"mode": "speculative", "exit": 3, "draft_len": 0}, "--draft-len must lie in 1..64"),
     ({"mode": "speculative", "exit": 3, "draft_len": "many"}, "--draft-len"),
-    ({"mode": "full", "temperature": -1.0}, "--temperature must be >= 0"),
+    ({"mode": "full", "temperature": -1.0}, "--temperature must be a finite number >= 0"),
     ({"mode": "full", "temperature": 1.0, "top_p": 0.0}, "--top-p must lie in (0, 1]"),
     ({"mode": "full", "temperature": 1.0, "top_p": 1.5}, "--top-p must lie in (0, 1]"),
     ({"mode": "fastest"}, "unknown mode"),
-    ({"mode": "speculative", "exit": 3, "draft_width": 0}, "--draft-width must be a whole number >= 1"),
+    ({"mode": "speculative", "exit": 3, "draft_width": 0}, "--draft-width must be a whole number in 1..64"),
     ({"mode": "speculative", "exit": 3, "draft_width": 3, "temperature": 0.7}, "needs greedy decoding"),
     ({"mode": "full", "max_new_tokens": 2000}, "exceeds the model's context"),
 ])
@@ -303,3 +303,24 @@ def test_no_exits_loaded_means_full_only():
     assert bm.generate("hi", max_new_tokens=3, eos=False).stats.mode == "full"
     with pytest.raises(BalspecError, match="needs exits"):
         bm.generate("hi", mode="speculative")
+
+
+def test_bf16_full_model_logits_are_computed_in_fp32_by_default():
+    """The exactness policy for bf16/fp16 models: the LM head's product runs in fp32 on the final normed
+    states (no ties from logits rounded to bf16), in full mode and in the verify pass alike."""
+    model = sharp_model().to(torch.bfloat16)
+    normed = torch.randn(1, 3, model.config.hidden_size).to(torch.bfloat16)
+    weight = model.lm_head.weight.float()
+    for policy, dtype in (("float32", torch.float32), ("model", torch.bfloat16)):
+        bm = make_bm(model, logits_dtype=policy)
+        with torch.no_grad():
+            logits = bm.engine.head_logits(normed)
+        assert logits.dtype == dtype and bm.engine.logits_dtype == policy
+        expected = normed.float() @ weight.T if policy == "float32" else model.lm_head(normed)
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            out = bm.generate([5, 9, 14], mode="full", max_new_tokens=6, eos=False)
+        assert len(out.token_ids) == 6
+    assert make_bm(sharp_model(), logits_dtype="float32").engine.logits_dtype == "model"  # fp32: nothing to do
+    with pytest.raises(BalspecError, match="--logits-dtype must be one of"):
+        make_bm(sharp_model(), logits_dtype="half")
