@@ -186,7 +186,7 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
     c = config
     accelerator = Accelerator(mixed_precision=c.train.mixed_precision, cpu=c.train.cpu,
                               gradient_accumulation_steps=c.optim.grad_accum)
-    if _launched_processes() > 1 and accelerator.num_processes == 1:  # else each would train alone, on its data
+    if _launched_processes() > 1 and accelerator.num_processes == 1:  # else each trains alone, into the same output
         raise BalspecError(f"train.cpu: {_launched_processes()} processes were launched but accelerate did not "
                            "join them (no GPU?); to train them together on the CPU add --set train.cpu=true")
     if accelerator.state.deepspeed_plugin is not None:  # no prepared dataloader to infer it from
