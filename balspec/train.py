@@ -168,6 +168,15 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _launched_processes() -> int:
+    """How many processes the launcher started: torchrun and `accelerate launch` say so in WORLD_SIZE, mpirun
+    in its own variables (the ones accelerate reads)."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return 1
+
+
 def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
     """Train the balconies of `config.exits.layers`; returns the run directory holding the final exits."""
     from accelerate import Accelerator
@@ -177,6 +186,9 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
     c = config
     accelerator = Accelerator(mixed_precision=c.train.mixed_precision, cpu=c.train.cpu,
                               gradient_accumulation_steps=c.optim.grad_accum)
+    if _launched_processes() > 1 and accelerator.num_processes == 1:  # else each trains alone, into the same output
+        raise BalspecError(f"train.cpu: {_launched_processes()} processes were launched but accelerate did not "
+                           "join them (no GPU?); to train them together on the CPU add --set train.cpu=true")
     if accelerator.state.deepspeed_plugin is not None:  # no prepared dataloader to infer it from
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = c.optim.batch_size
     set_seed(c.train.seed)
