@@ -35,7 +35,7 @@ _FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_at
 
 @dataclass(frozen=True)
 class Parts:
-    """The pieces of a Llama-family causal LM that balspec runs one by one."""
+    """The pieces of a decoder-only causal LM that balspec runs one by one (architecture.py: what else it needs)."""
 
     embed: nn.Module
     layers: nn.ModuleList
@@ -52,8 +52,10 @@ def model_parts(model: nn.Module) -> Parts:
     inner = getattr(model, "model", None)
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
-        raise BalspecError(f"{type(model).__name__} is not a supported decoder-only model "
-                           "(balspec supports the Llama family: Llama, Mistral, Qwen2/2.5/3, SmolLM2)")
+        model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise BalspecError(f"model type {model_type} ({type(model).__name__}) is not supported: balspec runs "
+                           "decoder-only causal LMs with rotary attention layers (embed_tokens, layers, norm, "
+                           "rotary_emb, lm_head)")
     return Parts(inner.embed_tokens, inner.layers, inner.norm, model.lm_head, inner.rotary_emb)
 
 
