@@ -190,6 +190,10 @@ def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", l
         raise BalspecError("exits.balcony_layers: a draft-kind exit has exactly one balcony layer")
     if set(draft_exits) - set(exits):
         raise BalspecError(f"draft exits {sorted(set(draft_exits) - set(exits))} are not among the exits {exits}")
+    if norm_init == "next-input" and not hasattr(parts.layers[0], "input_layernorm"):
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        raise BalspecError(f"exits.norm_init: next-input copies a layer's input norm, and model type {model_type} "
+                           "has none (its norms follow attention and MLP); use final")
     generator = torch.Generator().manual_seed(seed)
     balconies = {}
     for e in exits:

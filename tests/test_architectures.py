@@ -180,3 +180,56 @@ def test_unsupported_models_are_refused_in_one_line():
     cohere = t.CohereForCausalLM(t.CohereConfig(**COMMON)).eval()
     with pytest.raises(BalspecError, match="model type cohere is not supported: balspec's engine does not"):
         BalconyModel(cohere, tiny_tokenizer())
+
+
+def test_speculative_sampling_matches_the_full_distribution_on_gemma2():
+    """As tests/test_sampling.py on Llama: the first two tokens that draft-verify cycles emit after the pending
+    token follow the full model's joint distribution (computed exactly by transformers, soft-capped logits
+    included), under temperature and top-k, through the generic path."""
+    from balspec.sampling import Sampling
+    from tests.test_sampling import chi2, chi2_critical, two_token_joint
+
+    model = build("gemma2")
+    modules = attach_exits(model, [3]).requires_grad_(False).eval()
+    with torch.no_grad():  # the sub-model of exit 3 is the full model, but for a little noise: drafts mostly land
+        for p in modules.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    engine = BalconyModel(model, tiny_tokenizer(), modules).engine
+    ids, pending, sampling, k = prompt(7), 44, Sampling(temperature=1.3, top_k=3), 3
+    exact = two_token_joint(model, ids + [pending], sampling)
+    gen, counts, accepted, start = torch.Generator().manual_seed(0), torch.zeros_like(exact), 0, len(ids)
+    with torch.inference_mode():
+        engine.reset(32)
+        engine.prefill(torch.tensor([ids]), "speculative", 3)
+        for _ in range(600):
+            engine.cache.rollback(range(len(engine.cache.lengths)), start)  # back to just after the prefill
+            cycle = engine.cycle(torch.tensor([[pending]]), start, 3, k, sampling, gen)
+            emitted, accepted = cycle.tokens, accepted + cycle.accepted
+            if len(emitted) == 1:  # rejected at once: one more cycle from the emitted token
+                emitted += engine.cycle(torch.tensor([emitted]), start + 1, 3, k, sampling, gen).tokens
+            counts[emitted[0], emitted[1]] += 1
+    stat, df = chi2(counts.flatten(), exact.flatten())
+    assert stat < chi2_critical(df), (stat, df)
+    assert 200 < accepted < 600 * k  # drafts were accepted often, not always
+
+
+def test_a_saved_gemma2_loads_with_eager_attention_and_runs(tmp_path):
+    """Gemma 2 cannot run sdpa attention (its scores are soft-capped): the loader takes eager, whose additive
+    masks the engine then builds."""
+    from balspec.generate import load
+
+    build("gemma2").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    bm = load(str(tmp_path), device="cpu")
+    assert bm.model.config._attn_implementation == "eager" and bm.engine.arch.additive_masks
+    out = bm.generate(prompt(9), mode="full", max_new_tokens=8, eos=False)
+    seq = prompt(9)
+    with torch.inference_mode():
+        for _ in range(8):
+            seq.append(int(bm.model(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert out.token_ids == seq[9:]
+
+
+def test_next_input_norm_init_is_refused_without_input_norms():
+    with pytest.raises(BalspecError, match="model type olmo2 has none"):
+        attach_exits(build("olmo2"), [2], norm_init="next-input")
