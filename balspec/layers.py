@@ -43,7 +43,7 @@ def module_layer(layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tenso
     """The generic path: hidden [1, q, hidden] -> [1, q, hidden] through the layer's own module, which appends
     its K/V to `cache` (slot = its layer_idx). mask: [1, 1, q, cached + q], boolean for sdpa attention,
     additive for eager; None only for rows that may see everything cached (one new token, no window)."""
-    out = layer(hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+    out = layer(hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache)
     return out[0] if isinstance(out, tuple) else out
 
 
