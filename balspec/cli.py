@@ -152,7 +152,8 @@ def info(
     """Show what an exits checkpoint holds.
 
     The base model it was trained on and its fingerprints, the exits, parameters per exit, norm and layer
-    init, dtype, checksum and the training summary: a table, or one JSON document with --json.
+    init, dtype, checksum and the training summary; with --model, also whether the engine runs that model's
+    layers with balspec's lean forward or the generic path: a table, or one JSON document with --json.
 
     Examples:
 

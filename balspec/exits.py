@@ -35,7 +35,7 @@ _FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_at
 
 @dataclass(frozen=True)
 class Parts:
-    """The pieces of a Llama-family causal LM that balspec runs one by one."""
+    """The pieces of a decoder-only causal LM that balspec runs one by one (architecture.py: what else it needs)."""
 
     embed: nn.Module
     layers: nn.ModuleList
@@ -52,8 +52,10 @@ def model_parts(model: nn.Module) -> Parts:
     inner = getattr(model, "model", None)
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
-        raise BalspecError(f"{type(model).__name__} is not a supported decoder-only model "
-                           "(balspec supports the Llama family: Llama, Mistral, Qwen2/2.5/3, SmolLM2)")
+        model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise BalspecError(f"model type {model_type} ({type(model).__name__}) is not supported: balspec runs "
+                           "decoder-only causal LMs with rotary attention layers (embed_tokens, layers, norm, "
+                           "rotary_emb, lm_head)")
     return Parts(inner.embed_tokens, inner.layers, inner.norm, model.lm_head, inner.rotary_emb)
 
 
@@ -188,6 +190,10 @@ def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", l
         raise BalspecError("exits.balcony_layers: a draft-kind exit has exactly one balcony layer")
     if set(draft_exits) - set(exits):
         raise BalspecError(f"draft exits {sorted(set(draft_exits) - set(exits))} are not among the exits {exits}")
+    if norm_init == "next-input" and not hasattr(parts.layers[0], "input_layernorm"):
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        raise BalspecError(f"exits.norm_init: next-input copies a layer's input norm, and model type {model_type} "
+                           "has none (its norms follow attention and MLP); use final")
     generator = torch.Generator().manual_seed(seed)
     balconies = {}
     for e in exits:

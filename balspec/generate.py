@@ -92,34 +92,37 @@ def default_exits_path(model_name: str | None) -> Path | None:
 
 
 def load(model: str | None = None, exits: str | Path | None = None, dtype: str = "float32",
-         device: str | None = None, draft_vocab: bool = True, logits_dtype: str = "float32") -> "BalconyModel":
+         device: str | None = None, draft_vocab: bool = True, logits_dtype: str = "float32",
+         layer_path: str | None = None) -> "BalconyModel":
     """Load a base model (default: the embedded SmolLM2-135M-Instruct) and an exits checkpoint.
 
     exits=None loads the shipped exits of the default model; other models run `full` mode only until
     given an exits checkpoint (train one with `balspec train`). draft_vocab=False drafts with the full
     LM head even when the checkpoint stores a reduced draft vocabulary (the output is the same).
     logits_dtype="float32" (default) computes the full model's LM head in fp32 when dtype is bfloat16 or
-    float16 ("model": in dtype); see README, exactness policy.
+    float16 ("model": in dtype); see README, exactness policy. layer_path: "lean" or "generic" forces how
+    the engine runs decoder layers (speculative.Engine); None chooses by a check.
     """
     hf_model, tokenizer = load_model(model, dtype, device or default_device())
     path = Path(exits) if exits is not None else default_exits_path(model)
     exit_modules, meta = load_exits(hf_model, path) if path is not None else (None, None)
     vocab = exit_modules.draft_vocab if draft_vocab and exit_modules is not None else None
-    return BalconyModel(hf_model, tokenizer, exit_modules, meta, vocab, logits_dtype)
+    return BalconyModel(hf_model, tokenizer, exit_modules, meta, vocab, logits_dtype, layer_path)
 
 
 class BalconyModel:
     """A frozen causal LM, its balcony exits and the engine that decodes with them (batch size 1)."""
 
     def __init__(self, model, tokenizer, exits: Exits | None = None, meta: dict | None = None,
-                 draft_vocab: torch.Tensor | None = None, logits_dtype: str = "float32"):
+                 draft_vocab: torch.Tensor | None = None, logits_dtype: str = "float32",
+                 layer_path: str | None = None):
         self.model, self.tokenizer, self.exit_modules, self.meta = model, tokenizer, exits, meta or {}
         self.eos_ids = eos_token_ids(model, tokenizer)
         if draft_vocab is not None:  # whatever the checkpoint stored, the drafts can end a reply
             vocab = model.config.vocab_size
             control = {t for t in self.eos_ids | set(tokenizer.all_special_ids) if 0 <= t < vocab}
             draft_vocab = with_control_tokens(draft_vocab, control)
-        self.engine = Engine(model, exits, draft_vocab, logits_dtype)
+        self.engine = Engine(model, exits, draft_vocab, logits_dtype=logits_dtype, layer_path=layer_path)
         self.device = self.engine.device
 
     @property

@@ -1,4 +1,5 @@
-"""What an exits checkpoint holds: base model, fingerprints, exits, parameters, training summary.
+"""What an exits checkpoint holds: base model, fingerprints, exits, parameters, training summary (and, given
+the base model, which layer path the engine runs it with).
 
 Read from `balspec.json` and the safetensors header only, so describing a checkpoint loads no weights;
 checking it against a base model (optional) loads that model.
@@ -52,6 +53,7 @@ def describe_checkpoint(path: str | Path, model=None) -> dict:
             "balspec_version": meta.get("balspec_version"),
             "base_model": meta["base_model"],
             "base_model_check": None if model is None else "matches",
+            "layer_path": None if model is None else _layer_path(model),
             "exits": meta["exits"],
             "kinds": {str(e): meta.get("kinds", {}).get(str(e), "sub-model") for e in meta["exits"]},
             "balcony_layers": meta.get("balcony_layers", 1),
@@ -65,6 +67,14 @@ def describe_checkpoint(path: str | Path, model=None) -> dict:
             "draft_vocab": meta.get("draft_vocab"),
             "defaults": json_safe(meta.get("defaults") or {}),
             "training": json_safe(meta.get("training") or {})}
+
+
+def _layer_path(model) -> str:
+    """How the engine runs this model's decoder layers: "lean" (balspec's own forward) or "generic" (the
+    model's modules), as decided by its check at start."""
+    from balspec.speculative import Engine
+
+    return Engine(model).layer_path
 
 
 def render_table(info: dict):
@@ -82,6 +92,7 @@ def render_table(info: dict):
             ("config fingerprint", base.get("config_fingerprint")),
             ("weights fingerprint", base.get("weights_fingerprint")),
             ("base check", info["base_model_check"] or "not checked (pass --model to check)"),
+            ("layer path", info["layer_path"] or "not checked (pass --model to check)"),
             ("exits", ", ".join(f"{e} ({info['kinds'][str(e)]})" for e in info["exits"])),
             ("balcony layers", info["balcony_layers"]),
             ("norm init", info["norm_init"]),

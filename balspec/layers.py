@@ -1,5 +1,12 @@
-"""One decoder layer of a Llama-family model over balspec's KV cache, with none of transformers' per-call
-machinery.
+"""Decoder layers over balspec's KV cache, two ways: the lean forward and the generic path.
+
+The generic path (`module_layer`) calls the model's own transformers decoder-layer module, with the position
+embeddings and the mask the engine built for the rows, writing K/V into balspec's cache through the Cache
+interface: any architecture transformers runs, and the reference for correctness.
+
+The lean forward (`decoder_layer`) is one decoder layer of a Llama-family model with none of transformers'
+per-call machinery. The engine runs it only where `has_lean_form` holds and, at start, one layer's lean
+output equals its module's on random input in fp32 (Engine.check_lean).
 
 The arithmetic is the layer's own, on its own weights: RMSNorm, q/k/v projections (with their biases where
 the model has them), per-head q/k norms (Qwen3), rotary embedding, grouped-query attention, o projection,
@@ -8,7 +15,7 @@ and hooks, the attention-interface dispatch, keyword plumbing, and repeat_kv, wh
 of a grouped-query layer whenever a mask is passed (every multi-row verify). Products go through the
 engine's `linear`, the matrix-product form it measured fastest for few rows (skinny.py).
 
-Measured by evals/layer_forward.py (default model, fp32, one row, 2-core CPU, interleaved): see
+Lean forward measured by evals/layer_forward.py (default model, fp32, one row, 2-core CPU, interleaved): see
 evals/results/layer_forward_cpu.json. Training does not come here: it runs the layers as transformers
 ships them (autograd, causal SDPA).
 """
@@ -22,6 +29,43 @@ import torch.nn.functional as F
 from torch import nn
 
 Linear = Callable[..., torch.Tensor]  # (x, weight, bias=None) -> x @ weight^T + bias
+
+
+_LEAN_FORM = {"": {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"},  # child modules, and
+              "self_attn": {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"},  # nothing else
+              "mlp": {"gate_proj", "up_proj", "down_proj", "act_fn"}}
+_LEAN_NEEDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+
+
+def module_layer(layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                 mask: torch.Tensor | None, cache) -> torch.Tensor:
+    """The generic path: hidden [1, q, hidden] -> [1, q, hidden] through the layer's own module, which appends
+    its K/V to `cache` (slot = its layer_idx). mask: [1, 1, q, cached + q], boolean for sdpa attention,
+    additive for eager; None only for rows that may see everything cached (one new token, no window)."""
+    out = layer(hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def has_lean_form(layer: nn.Module) -> bool:
+    """Is the layer built of exactly the modules the lean forward computes with (a pre-norm Llama-family
+    layer: RMSNorms, q/k/v/o projections, optional per-head q/k norms, gated MLP)? The numeric check at engine
+    start decides the rest (scalings, multipliers)."""
+    for path, allowed in _LEAN_FORM.items():
+        module = layer.get_submodule(path) if path else layer
+        if not {name for name, _ in module.named_children()} <= allowed:
+            return False
+    try:
+        needed = [layer.get_submodule(path) for path in _LEAN_NEEDS]
+    except AttributeError:
+        return False
+    norms = [layer.input_layernorm, layer.post_attention_layernorm,
+             *(getattr(layer.self_attn, n) for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n))]
+    attn = layer.self_attn
+    return (all(isinstance(m, nn.Linear) for m in needed[:7])
+            and all(hasattr(n, "variance_epsilon") and hasattr(n, "weight") for n in norms)
+            and hasattr(attn, "head_dim") and hasattr(attn, "scaling")
+            and getattr(attn, "attn_logit_softcapping", None) is None)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -133,8 +133,7 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = "float32", de
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     path = resolve_model(name)
     try:  # safetensors only: a pickled checkpoint is never opened, not even by torch's restricted unpickler
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa",
-                                                     use_safetensors=True)
+        model = _from_pretrained(AutoModelForCausalLM, path, torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # a damaged or foreign directory fails anywhere in transformers, safetensors, tokenizers
         raise BalspecError(f"--model: cannot load {name!r} ({_first_line(e)})") from None
@@ -144,6 +143,16 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = "float32", de
     if device is not None:
         model.to(check_device(device))
     return model, tokenizer
+
+
+def _from_pretrained(auto, path: str, dtype: torch.dtype):
+    """sdpa attention, or eager where the model cannot run sdpa (Gemma 2's soft-capped attention scores)."""
+    try:
+        return auto.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
+    except ValueError as e:
+        if "attention implementation" not in str(e):
+            raise
+        return auto.from_pretrained(path, dtype=dtype, attn_implementation="eager", use_safetensors=True)
 
 
 def _first_line(error: Exception) -> str:

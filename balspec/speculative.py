@@ -7,16 +7,18 @@ Steps are numbered as in DESIGN.md section 3.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
 import torch
 
 from balspec import skinny
+from balspec.architecture import architecture
 from balspec.cache import KVCache
 from balspec.errors import BalspecError
 from balspec.exits import Exits, model_parts
-from balspec.layers import decoder_layer, key_value
+from balspec.layers import decoder_layer, has_lean_form, key_value, module_layer
 from balspec.sampling import Sampling, accept_greedy, accept_sampling, choose, probabilities
 
 LOGITS_DTYPES = ("float32", "model")
@@ -24,6 +26,7 @@ AUTO_MAX_DRAFT = 8  # "auto" drafts until the draft is unsure, at most this many
 MAX_DRAFT_LEN = 64  # --draft-len bound: acceptance^k makes longer chains worthless, and the cache holds k rows
 MAX_DRAFT_WIDTH = 64  # --draft-width bound: each sibling is one more verify row
 AUTO_MIN_CONFIDENCE = 0.6  # ... where unsure means top probability below this (0.4/0.6/0.8 measured: 0.6 won)
+LAYER_PATHS = ("lean", "generic")  # layers.py: balspec's own forward of a Llama-family layer, or the model's module
 
 
 @dataclass
@@ -36,14 +39,21 @@ class Cycle:
 
 
 class Engine:
-    """Runs ranges of decoder layers of a frozen causal LM and its balconies over one KV cache."""
+    """Runs ranges of decoder layers of a frozen causal LM and its balconies over one KV cache.
+
+    layer_path: "lean" or "generic" (layers.py); None takes the lean forward where the check at start shows it
+    computes this model's layers exactly, else the generic path. Either way the engine's full-mode logits are
+    checked against the model's own forward at start (check_forward): nothing runs a formula that differs.
+    logits_dtype: "float32" (the full model's LM head in fp32 for bf16/fp16 models) or "model".
+    """
 
     def __init__(self, model: torch.nn.Module, exits: Exits | None = None, draft_vocab: torch.Tensor | None = None,
-                 logits_dtype: str = "float32"):
+                 logits_dtype: str = "float32", layer_path: str | None = None):
         self.model = model
         self.parts = model_parts(model)
         self.exits = exits
         self.num_layers = self.parts.num_layers
+        self.arch = architecture(model, self.parts.rotary, self.num_layers)
         self.trunk_slots = range(self.num_layers)
         weight = self.parts.head.weight.detach()
         self.device, self.dtype = weight.device, weight.dtype
@@ -58,49 +68,157 @@ class Engine:
         head_bias = getattr(self.parts.head, "bias", None)
         self.head32 = (weight.float(), None if head_bias is None else head_bias.detach().float()) \
             if self.logits_dtype == "float32" else None
+        self._kinds = list(self.arch.layer_kinds)  # attention kind per trunk layer; a balcony takes the last's
+        self.cache: KVCache | None = None
+        self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # kind -> cos, sin [1, max_len, head_dim]
+        self.lean = False  # until the check below: it runs the modules as the generic path does
+        self.layer_path = self._choose_path(layer_path)
+        self.lean = self.layer_path == "lean"
         # CPU: products over a few rows run as W @ x^T where this machine measures that faster (skinny.py)
         trunk_weights = [m.weight for m in self.parts.layers.modules() if type(m) is torch.nn.Linear]
         self.skinny = self.device.type == "cpu" and skinny.prefer_skinny(trunk_weights)
-        if self.skinny:
-            skinny.install([self.parts.head])  # the layers' products go through self.linear (layers.py)
+        if self.skinny:  # the lean forward's products go through self.linear (layers.py), the modules' through this
+            skinny.install([self.parts.head] if self.lean else
+                           [self.parts.head, self.parts.layers, *([exits] if exits is not None else [])])
         # a draft head over the most frequent tokens only: q is zero elsewhere, so exactness holds
         self.draft_vocab = draft_vocab.to(self.device, torch.long) if draft_vocab is not None else None
         self.draft_weight = weight[self.draft_vocab].contiguous() if draft_vocab is not None else None
         self.linear = skinny.few_rows_linear if self.skinny else torch.nn.functional.linear  # for every few-row product
-        self.cache: KVCache | None = None
         self.previous_deep: torch.Tensor | None = None  # draft-kind exits: final normed state [1, 1, hidden]
         #                                                 of the position before the pending token
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._trees: dict[tuple[int, int], DraftTree] = {}
+        self.check_forward()
+
+    # -- which path, and checks at start -----------------------------------------------------------------
+    def _choose_path(self, requested: str | None) -> str:
+        if requested is not None and requested not in LAYER_PATHS:
+            raise BalspecError(f"layer path {requested!r}: choose one of {', '.join(LAYER_PATHS)}")
+        if requested == "generic":
+            return "generic"
+        if self.check_lean():
+            return "lean"
+        if requested == "lean":
+            raise BalspecError(f"model type {self.arch.model_type}: balspec's lean layer forward does not compute "
+                               "this model's decoder layers exactly; use the generic path")
+        return "generic"
+
+    def check_lean(self) -> bool:
+        """Does the lean forward compute this model's layers exactly? The layers must have its form, and the
+        first layer of each attention kind and the last (which balconies copy), in fp32 copies, must give the
+        same output as their own module on random input over a few positions (a causal mask, a window where
+        the kind has one shorter than the probe)."""
+        layers = self.parts.layers
+        firsts = {kind: i for i, kind in reversed(list(enumerate(self._kinds)))}
+        probes = sorted({*firsts.values(), self.num_layers - 1})
+        if not all(has_lean_form(layers[i]) for i in probes):
+            return False
+        rows, generator = 6, torch.Generator().manual_seed(0)
+        config = self.model.config
+
+        def fresh_cache() -> KVCache:
+            return KVCache(1, rows, config.num_key_value_heads, self._head_dim(), torch.float32, self.device)
+
+        with torch.inference_mode():
+            rope = self._rope_tables(rows)
+            for i in probes:
+                layer = copy.deepcopy(layers[i]).float()
+                layer.self_attn.layer_idx = 0
+                hidden = torch.randn(1, rows, config.hidden_size, generator=generator).to(self.device) * 4
+                kind_rope = tuple(t.float() for t in rope[self._kinds[i]])
+                allowed = torch.ones(rows, rows, dtype=torch.bool, device=self.device).tril()
+                if self.arch.windows[self._kinds[i]] is not None:
+                    allowed = allowed.triu(1 - self.arch.windows[self._kinds[i]])
+                own = module_layer(layer, hidden, kind_rope, self._mask_format(allowed[None, None], torch.float32),
+                                   fresh_cache())
+                try:
+                    lean = decoder_layer(layer, hidden, kind_rope, allowed[None, None], fresh_cache())
+                except RuntimeError:  # shapes the lean forward does not handle (a partial rotary, say)
+                    return False
+                if not torch.allclose(lean, own, atol=1e-5, rtol=1e-4):
+                    return False
+        return True
+
+    def check_forward(self) -> None:
+        """The engine's full-mode logits over a few tokens must equal the model's own forward (to rounding):
+        a model-level formula balspec does not know of (an embedding or logit scaling, say) is refused here
+        rather than run wrong."""
+        ids = (torch.arange(1, 7, device=self.device) * 37 % self.vocab_size)[None]  # [1, 6]
+        with torch.inference_mode():
+            self.reset(ids.shape[1])
+            ours = self.full_logits(self.run_layers(self.embed(ids), 0, self.num_layers, 0)).float()
+            theirs = self.model(input_ids=ids, use_cache=False).logits.float()
+            self.cache.rollback(range(len(self.cache.lengths)), 0)
+        error = ((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6)).item()
+        if not error <= (1e-4 if self.dtype == torch.float32 else 3e-2):
+            raise BalspecError(f"model type {self.arch.model_type} is not supported: balspec's engine does not "
+                               f"reproduce its forward pass (relative logit difference {error:.1e})")
 
     # -- storage -----------------------------------------------------------------------------------
     def reset(self, max_len: int) -> None:
         """Empty every cache slot; storage and rotary tables are re-allocated only when they must grow."""
         if self.cache is None or self.cache.max_len < max_len:
-            config = self.model.config
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
             slots = self.exits.num_cache_slots if self.exits is not None else self.num_layers
-            self.cache = KVCache(slots, max_len, config.num_key_value_heads, head_dim, self.dtype, self.device)
-            positions = torch.arange(max_len, device=self.device)[None]  # [1, max_len]
-            probe = torch.zeros(1, 1, config.hidden_size, device=self.device, dtype=self.dtype)
-            self._rope = self.parts.rotary(probe, positions)  # cos, sin: [1, max_len, head_dim]
+            self.cache = KVCache(slots, max_len, self.model.config.num_key_value_heads, self._head_dim(), self.dtype,
+                                 self.device)
+            self._rope = self._rope_tables(max_len)
         self.cache.rollback(range(len(self.cache.lengths)), 0)
 
+    def _head_dim(self) -> int:
+        config = self.model.config
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def _rope_tables(self, length: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Attention kind -> cos, sin [1, length, rotary dim] at positions 0..length-1."""
+        positions = torch.arange(length, device=self.device)[None]  # [1, length]
+        probe = torch.zeros(1, 1, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
+        if self.arch.rotary_by_kind:  # Gemma 3: local and global layers rotate with their own bases
+            return {kind: self.parts.rotary(probe, positions, kind) for kind in self.arch.windows}
+        shared = self.parts.rotary(probe, positions)
+        return {kind: shared for kind in self.arch.windows}
+
+    def _mask_format(self, allowed: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """A boolean mask as the layers take it: boolean for the lean forward and sdpa, additive for eager."""
+        if allowed is None or self.lean or not self.arch.additive_masks:
+            return allowed
+        dtype = dtype or self.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
+                                                                                             torch.finfo(dtype).min)
+
     def rows(self, start: int, length: int, tree: DraftTree | None = None, first: int = 0) -> Rows:
-        """Rotary tables and mask for `length` new rows after `start` cached positions. Without a tree the rows
-        are consecutive tokens; with one they are rows first.. of the cycle's tree, whose root (the pending
-        token) sits at cache position `start`; each sees the cache before the root and its own ancestors."""
-        cos, sin = self._rope
+        """Rotary tables and masks, per attention kind, for `length` new rows after `start` cached positions.
+        Without a tree the rows are consecutive tokens; with one they are rows first.. of the cycle's tree, whose
+        root (the pending token) sits at cache position `start`; each sees the cache before the root and its own
+        ancestors. A sliding-window layer's rows see, of those, only the keys less than its window behind them."""
         if tree is None:
-            rope = cos[:, start:start + length], sin[:, start:start + length]
-            if length == 1:
-                return Rows(rope, None)
-            allowed = torch.ones(length, start + length, dtype=torch.bool, device=self.device).tril(start)
-            return Rows(rope, allowed[None, None])  # [1, 1, length, start + length]
-        positions = tree.depth[first:first + length] + start
-        before = torch.ones(length, start, dtype=torch.bool, device=self.device)
-        allowed = torch.cat([before, tree.allowed[first:first + length, :first + length]], 1)
-        return Rows((cos[:, positions], sin[:, positions]), allowed[None, None])
+            positions = slice(start, start + length)
+            allowed = None if length == 1 else \
+                torch.ones(length, start + length, dtype=torch.bool, device=self.device).tril(start)
+        else:
+            positions = tree.depth[first:first + length] + start
+            before = torch.ones(length, start, dtype=torch.bool, device=self.device)
+            allowed = torch.cat([before, tree.allowed[first:first + length, :first + length]], 1)
+        views = {}
+        for kind, window in self.arch.windows.items():
+            cos, sin = self._rope[kind]
+            mask = allowed
+            if window is not None and start + length > window:  # some row has keys beyond its window
+                mask = self._window(mask, window, start, length, tree, first)
+            views[kind] = ((cos[:, positions], sin[:, positions]),
+                           None if mask is None else self._mask_format(mask[None, None]))  # [1, 1, rows, keys]
+        return Rows(views)
+
+    def _window(self, allowed: torch.Tensor | None, window: int, start: int, length: int, tree: DraftTree | None,
+                first: int) -> torch.Tensor:
+        """allowed [rows, keys] (None: all) less the keys `window` or more positions behind their row. Cache
+        entries before `start` sit at their positions; a tree's rows at the root's position plus their depth."""
+        if tree is None:
+            queries = torch.arange(start, start + length, device=self.device)
+            keys = torch.arange(start + length, device=self.device)
+        else:
+            queries = tree.depth[first:first + length] + start
+            keys = torch.cat([torch.arange(start, device=self.device), tree.depth[:first + length] + start])
+        near = keys[None] > queries[:, None] - window  # [rows, keys]
+        return near if allowed is None else allowed & near
 
     def draft_tree(self, k: int, width: int) -> DraftTree:
         key = (k, width)
@@ -110,13 +228,15 @@ class Engine:
 
     # -- passes --------------------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.parts.embed(tokens)  # [1, q] -> [1, q, hidden]
+        hidden = self.parts.embed(tokens)  # [1, q] -> [1, q, hidden]; Gemma's scaling is inside its module
+        return hidden if self.arch.embed_multiplier is None else hidden * self.arch.embed_multiplier  # Granite
 
     def run_layers(self, hidden: torch.Tensor, first: int, last: int, start: int, rows: Rows | None = None
                    ) -> torch.Tensor:
         """Trunk layers first+1..last (1-based, as in the paper) over hidden states at positions start..
         (or over the tree rows `rows` describes)."""
-        return self._through(self.parts.layers[first:last], hidden, rows or self.rows(start, hidden.shape[1]))
+        return self._through(self.parts.layers[first:last], self._kinds[first:last], hidden,
+                             rows or self.rows(start, hidden.shape[1]))
 
     def run_balcony(self, exit_layer: int, hidden: torch.Tensor, start: int, pending: bool = False) -> torch.Tensor:
         """Balcony layers and norm of one exit on its trunk hidden states (appends the balcony's KV).
@@ -125,7 +245,8 @@ class Engine:
         balcony = self.exits[exit_layer]
         if pending and balcony.kind == "draft":
             hidden = hidden + self.linear(self.previous_deep, balcony.fuse.weight)
-        return balcony.norm(self._through(balcony.layers, hidden, self.rows(start, hidden.shape[1])))
+        kinds = self._kinds[-1:] * len(balcony.layers)  # a copy of the last layer keeps its kind of attention
+        return balcony.norm(self._through(balcony.layers, kinds, hidden, self.rows(start, hidden.shape[1])))
 
     def write_deep(self, exit_layer: int, final: torch.Tensor, start: int) -> None:
         """Draft-kind exit: make its balcony's K/V at positions start.. of the full model's final normed
@@ -133,14 +254,21 @@ class Engine:
         layer = self.exits[exit_layer].layers[0]
         slot = layer.self_attn.layer_idx
         self.cache.rollback([slot], start)
-        cos, sin = self._rope
-        rope = cos[:, start:start + final.shape[1]], sin[:, start:start + final.shape[1]]
-        self.cache.update(*key_value(layer, final, rope, self.linear), slot)
+        rows = self.rows(start, final.shape[1])
+        if self.lean:
+            rope = rows.views[self._kinds[-1]][0]
+            self.cache.update(*key_value(layer, final, rope, self.linear), slot)
+        else:  # the module makes its K/V only inside a whole pass: run one, keep the K/V it wrote
+            self._through([layer], self._kinds[-1:], final, rows)
         self.previous_deep = final[:, -1:]
 
-    def _through(self, layers, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
-        for layer in layers:
-            hidden = decoder_layer(layer, hidden, rows.rope, rows.mask, self.cache, self.linear)
+    def _through(self, layers, kinds: list[str], hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
+        for layer, kind in zip(layers, kinds):
+            rope, mask = rows.views[kind]
+            if self.lean:
+                hidden = decoder_layer(layer, hidden, rope, mask, self.cache, self.linear)
+            else:
+                hidden = module_layer(layer, hidden, rope, mask, self.cache)
         return hidden
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -150,10 +278,21 @@ class Engine:
     def head_logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Final normed states [1, q, hidden] -> the full model's logits [1, q, vocab] (fp32 under the
         "float32" policy, else the model's dtype)."""
-        if self.head32 is None:
-            return self.parts.head(normed)
-        weight, bias = self.head32
-        return self.linear(normed.float(), weight, bias)
+        return self.logits(normed, full_model=True)
+
+    def logits(self, normed: torch.Tensor, weight: torch.Tensor | None = None, full_model: bool = False) -> torch.Tensor:
+        """The LM head on normed states [..., hidden] -> [..., vocab] (or rows of `weight`, a reduced draft head),
+        with the model's own logit scaling and soft-capping: the shared head's logits equal the model's.
+        full_model: the full model's logits, whose product runs in fp32 under the "float32" policy."""
+        if full_model and self.head32 is not None:
+            logits = self.linear(normed.float(), *self.head32)
+        else:
+            logits = self.parts.head(normed) if weight is None else self.linear(normed, weight)
+        if self.arch.logits_divisor is not None:  # Granite
+            logits = logits / self.arch.logits_divisor
+        if self.arch.logit_softcap is not None:  # Gemma 2/3
+            logits = torch.tanh(logits / self.arch.logit_softcap) * self.arch.logit_softcap
+        return logits
 
     def is_draft_kind(self, exit_layer: int) -> bool:
         return self.exits[exit_layer].kind == "draft"
@@ -161,8 +300,8 @@ class Engine:
     def draft_logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Balcony output [1, 1, hidden] -> draft logits [vocab], or [draft_vocab] with a reduced head."""
         if self.draft_vocab is None:
-            return self.parts.head(normed)[0, -1]
-        return self.linear(normed[0, -1:], self.draft_weight)[0]
+            return self.logits(normed)[0, -1]
+        return self.logits(normed[0, -1:], self.draft_weight)[0]
 
     def pick_draft(self, logits: torch.Tensor, sampling: Sampling,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -196,7 +335,7 @@ class Engine:
             return self.head_logits(final[:, -1:])[0]
         normed = self.run_balcony(exit_layer, exit_hidden, 0)
         if mode == "early-exit":
-            return self.parts.head(normed[:, -1:])[0]
+            return self.logits(normed[:, -1:])[0]
         return self.full_logits(self.run_layers(exit_hidden, exit_layer, self.num_layers, 0)[:, -1:])[0]
 
     def step(self, token: torch.Tensor, start: int, mode: str, exit_layer: int | None) -> torch.Tensor:
@@ -204,7 +343,7 @@ class Engine:
         if mode == "full":
             return self.full_logits(self.run_layers(self.embed(token), 0, self.num_layers, start))[0]
         normed = self.run_balcony(exit_layer, self.run_layers(self.embed(token), 0, exit_layer, start), start)
-        return self.parts.head(normed)[0]
+        return self.logits(normed)[0]
 
     def cycle(self, token: torch.Tensor, start: int, exit_layer: int, draft_len: int, sampling: Sampling,
               generator: torch.Generator | None, adaptive: bool = False, width: int = 1) -> Cycle:
@@ -293,10 +432,11 @@ class Engine:
 
 @dataclass(frozen=True)
 class Rows:
-    """What a pass over new rows needs besides their hidden states."""
+    """What a pass over new rows needs besides their hidden states, per attention kind (architecture.py):
+    (rope, mask). rope: cos, sin [1, rows, head_dim] at the rows' positions; mask [1, 1, rows, cached + rows],
+    boolean or additive as the layers take it (Engine._mask_format); None: each row sees everything cached."""
 
-    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [1, rows, head_dim] at the rows' positions
-    mask: torch.Tensor | None  # bool [1, 1, rows, cached + rows]; None: each row sees everything cached
+    views: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]]
 
 
 @dataclass(frozen=True)

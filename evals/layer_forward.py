@@ -20,7 +20,7 @@ import torch
 
 import balspec
 from balspec import skinny
-from balspec.layers import decoder_layer
+from balspec.layers import decoder_layer, module_layer
 from balspec.models import device_name
 
 PROMPT = "Explain in three sentences why the sky is blue."
@@ -42,13 +42,14 @@ def main() -> None:
 
     def transformers_layers(hidden, rows):
         for layer in engine.parts.layers:
-            out = layer(hidden, attention_mask=rows.mask, past_key_values=engine.cache, position_embeddings=rows.rope)
-            hidden = out[0] if isinstance(out, tuple) else out
+            rope, mask = rows.views["full_attention"]
+            hidden = module_layer(layer, hidden, rope, mask, engine.cache)
         return hidden
 
     def balspec_layers(hidden, rows):
         for layer in engine.parts.layers:
-            hidden = decoder_layer(layer, hidden, rows.rope, rows.mask, engine.cache, engine.linear)
+            rope, mask = rows.views["full_attention"]
+            hidden = decoder_layer(layer, hidden, rope, mask, engine.cache, engine.linear)
         return hidden
 
     paths = {"transformers": transformers_layers, "balspec": balspec_layers}

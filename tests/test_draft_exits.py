@@ -44,7 +44,7 @@ def assert_deep_cache(bm, exit_layer, seq):
     cached = engine.cache.lengths[slot]
     assert cached == engine.cache.lengths[0]  # as far as the trunk: every decided token but the pending one
     layer = bm.exit_modules[exit_layer].layers[0]
-    cos, sin = engine._rope
+    cos, sin = engine._rope["full_attention"]
     key, value = key_value(layer, final_states(bm, seq[:cached]), (cos[:, :cached], sin[:, :cached]))
     torch.testing.assert_close(engine.cache.keys[slot, :, :, :cached], key, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(engine.cache.values[slot, :, :, :cached], value, atol=1e-4, rtol=1e-4)

@@ -212,6 +212,7 @@ def test_cli_export_then_info_json(home, tmp_path):
     assert info["exits"] == [2, 4] and info["base_model"]["name"] == "tiny-random"
     assert info["parameters_per_exit"] == {str(e): home["exits"].num_parameters(e) for e in (2, 4)}
     assert info["checksum_ok"] and info["base_model_check"] == "matches"
+    assert info["layer_path"] == "lean"  # a Llama model: balspec's own layer forward passed its check
     assert info["training"] == {"steps": 10, "loss": None}
 
 
