@@ -192,7 +192,8 @@ def device_run(args) -> None:
     cfg = plan.dry_run_config(out, work, payload / "data", deadline, shipped) if dry else plan.PlanConfig(
         out=str(out), work=str(work), data=str(payload / "data"), deadline=deadline,
         throughput_s=args.throughput_s, bench_s=args.bench_s, train_s=args.train_s,
-        bench_prompts=args.bench_prompts, bench_tokens=args.bench_tokens, gen_batch=args.gen_batch)
+        bench_prompts=args.bench_prompts, bench_tokens=args.bench_tokens, gen_batch=args.gen_batch,
+        recipe=args.recipe, init_from=args.init_from)
     cfg.results.mkdir(parents=True, exist_ok=True)
     plan.write_json(cfg.results / "env.json", environment(started))
     plan.run_plan(cfg)
@@ -303,7 +304,7 @@ def summarize(results: Path) -> str:
     if runs:
         lines += ["", "| training (c) | batch x block | tokens/s (median window) | peak memory MB |", "|---|---:|---:|---:|"]
         lines += [f"| {r.get('mixed_precision', '')} {r['status']} | {r['batch_size']} x {r.get('block_size', '')} | "
-                  f"{r.get('tokens_per_s_median', 0):,.0f} | {r.get('peak_memory_mb', '')} |" for r in runs]
+                  f"{num(r.get('tokens_per_s_median'), ',.0f')} | {r.get('peak_memory_mb', '')} |" for r in runs]
     chunks = sorted((results / "a").glob("*.json")) if (results / "a").is_dir() else []
     if chunks:
         lines += ["", "| bench chunk (a) | full tok/s | best speculative: setting, speedup, accept, tau | "
@@ -312,7 +313,7 @@ def summarize(results: Path) -> str:
     gen, train = read(results / "b_generate.json"), read(results / "b_train.json")
     if gen:
         lines += ["", f"self-distillation data (b): {gen['answers']} answers, {gen['answer_tokens']:,} tokens in "
-                  f"{gen['seconds']} s ({gen['tokens_per_s']:,.0f} tokens/s, batch {gen['batch_size']}, "
+                  f"{gen['seconds']} s ({num(gen['tokens_per_s'], ',.0f')} tokens/s, batch {gen['batch_size']}, "
                   f"{gen['dtype']})"]
     if train:
         t = train.get("training") or {}
@@ -322,8 +323,8 @@ def summarize(results: Path) -> str:
     if all(quality.values()):
         rows = {name: {r["exit"]: r for r in doc["rows"] if r["name"] == "balcony"} for name, doc in quality.items()}
         lines += ["", "| exit | trained: KL / top-1 | shipped: KL / top-1 |", "|---:|---:|---:|"]
-        lines += [f"| {e} | {rows['trained'][e]['kl']:.2f} / {rows['trained'][e]['top1_agreement']:.1%} | "
-                  f"{rows['shipped'][e]['kl']:.2f} / {rows['shipped'][e]['top1_agreement']:.1%} |"
+        lines += [f"| {e} | {num(rows['trained'][e]['kl'], '.2f')} / {num(rows['trained'][e]['top1_agreement'], '.1%')} | "
+                  f"{num(rows['shipped'][e]['kl'], '.2f')} / {num(rows['shipped'][e]['top1_agreement'], '.1%')} |"
                   for e in sorted(rows["trained"]) if e in rows["shipped"]]
     for name in ("trained", "shipped"):
         doc = read(results / f"b_bench_{name}.json")
@@ -336,13 +337,18 @@ def bench_row(name: str, doc: dict) -> str:
     spec = [r for r in doc["results"] if r["mode"] == "speculative"]
     peers = [r for r in doc["results"] if r["mode"] == "peer"]
     best = max(spec, key=lambda r: r["speedup"] or 0, default=None)
-    best_text = (f"e{best['exit']} k{best['draft_len']} w{best['draft_width']}: {best['speedup']:.2f}x, "
-                 f"{best['acceptance_rate']:.2f}, {best['mean_accepted_length']:.2f}") if best else ""
-    peer_text = ", ".join(f"{p['name']}{'' if p['exit'] is None else ' e' + str(p['exit'])} {p['speedup']:.2f}x"
+    best_text = (f"e{best['exit']} k{best['draft_len']} w{best['draft_width']}: {num(best['speedup'], '.2f')}x, "
+                 f"{num(best['acceptance_rate'], '.2f')}, {num(best['mean_accepted_length'], '.2f')}") if best else ""
+    peer_text = ", ".join(f"{p['name']}{'' if p['exit'] is None else ' e' + str(p['exit'])} {num(p['speedup'], '.2f')}x"
                           for p in peers)
     mismatches = sum(r["greedy_mismatches"] or 0 for r in spec)
     return (f"| {name} ({doc['meta']['dtype']}, {doc['meta']['prompts']['count']} prompts) | "
-            f"{doc['baseline']['tokens_per_second']:.1f} | {best_text} | {peer_text} | {mismatches} |")
+            f"{num(doc['baseline']['tokens_per_second'], '.1f')} | {best_text} | {peer_text} | {mismatches} |")
+
+
+def num(x, spec: str) -> str:
+    """A number for a table; '-' where the bench recorded none (no drafts, say)."""
+    return "-" if x is None else format(x, spec)
 
 
 def read(path: Path):
@@ -420,6 +426,8 @@ def main(argv=None) -> None:
     p.add_argument("--bench-prompts", type=int, default=6, help="prompts per bench chunk (fewer when short of time)")
     p.add_argument("--bench-tokens", type=int, default=128)
     p.add_argument("--gen-batch", type=int, default=384, help="sequences per batch writing the answers")
+    p.add_argument("--recipe", default="recipes/smollm2-135m-answers.yaml", help="part b's training recipe")
+    p.add_argument("--init-from", default="shipped", help="part b starts from: shipped, none or an exits dir")
     p = sub.add_parser("part", help="(internal) one part of the plan")
     p.add_argument("name", choices=sorted(plan.PARTS))
     p.add_argument("--config", required=True)

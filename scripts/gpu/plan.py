@@ -65,7 +65,8 @@ class PlanConfig:
     gen_batch: int = 384
     gen_tokens: int = 160
     gen_dtype: str = "bfloat16"
-    recipe: str = "recipes/smollm2-135m-answers.yaml"
+    recipe: str = "recipes/smollm2-135m-answers.yaml"  # or recipes/smollm2-135m-draft.yaml (with init_from none)
+    init_from: str = "shipped"  # the exits training continues: shipped, none, or an exits checkpoint
     train_sets: list[str] = field(default_factory=list)  # extra --set overrides (the dry run's tiny sizes)
     block_size: int = 256
     heldout_every: int = 25
@@ -312,7 +313,7 @@ def part_train(cfg: PlanConfig, deadline: float) -> None:
     steps = max(4, int(train_seconds * tokens_per_s / (batch * cfg.block_size)))
     output = work / "runs" / "trained-exits"
     sets = train_sets(cfg, output, data / "train.jsonl", batch, steps) + [
-        f"data.heldout={data / 'heldout.jsonl'}", f"exits.init_from={cfg.shipped_exits or shipped_path()}",
+        f"data.heldout={data / 'heldout.jsonl'}", f"exits.init_from={init_from(cfg)}",
         f"optim.warmup_steps={max(2, steps // 20)}", f"train.save_every={max(1, steps // 4)}",
         "train.eval_every=0", f"train.log_every={max(1, steps // 20)}"]
     command = [sys.executable, "-m", "balspec.cli", "train", "--recipe", str(ROOT / cfg.recipe),
@@ -356,6 +357,7 @@ def part_train(cfg: PlanConfig, deadline: float) -> None:
     # 4. the trained exits against the shipped ones: bf16 (the first dtype), built-in prompts, k 1 and auto
     from balspec import bench as bench_lib
     from balspec import report
+    from balspec.exits import read_meta
     from balspec.generate import load
     from balspec.prompts import load_prompts
 
@@ -363,7 +365,8 @@ def part_train(cfg: PlanConfig, deadline: float) -> None:
         if time.time() > deadline - 30:
             break
         bm = load(model=cfg.model, exits=path, dtype=cfg.dtypes[0], device=cfg.device)
-        opts = bench_lib.BenchOptions(exits=cfg.exits, draft_lens=[1, "auto"], max_new_tokens=cfg.bench_tokens,
+        exits = read_meta(path)["exits"] if name == "trained" else cfg.exits  # a draft recipe trains others
+        opts = bench_lib.BenchOptions(exits=exits, draft_lens=[1, "auto"], max_new_tokens=cfg.bench_tokens,
                                       early_exit=False)
         result = bench_lib.run_bench(bm, load_prompts(None, max(2, cfg.bench_prompts // 2)), opts,
                                      command=f"(kit) bench of the {name} exits", exits_checkpoint=str(path))
@@ -377,6 +380,12 @@ def train_sets(cfg: PlanConfig, output: Path, data: Path, batch: int, steps: int
             f"train.max_steps={steps}", f"data.block_size={cfg.block_size}",
             f"model.dtype={'bfloat16' if not cfg.dry_run else 'float32'}",
             f"train.mixed_precision={'bf16' if not cfg.dry_run else 'no'}", *cfg.train_sets]
+
+
+def init_from(cfg: PlanConfig) -> str:
+    if cfg.init_from == "shipped":
+        return cfg.shipped_exits or shipped_path()
+    return "null" if cfg.init_from == "none" else cfg.init_from
 
 
 def best_throughput(cfg: PlanConfig) -> tuple[int, float]:
