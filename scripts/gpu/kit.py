@@ -251,12 +251,20 @@ def environment(started: float) -> dict:
                           "--format=csv,noheader"], capture_output=True, text=True) if shutil.which("nvidia-smi") \
         else None
     versions = {}
-    for name in ("torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors", "numpy", "gguf"):
+    for name in ("torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors", "numpy", "gguf",
+                 "pyarrow", "fsspec", "huggingface-hub"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    try:  # the carried datasets wheel against the image's pyarrow and fsspec, whose versions KINDS.md omits
+        import datasets  # noqa: F401
+
+        datasets_import = "ok"
+    except Exception as e:
+        datasets_import = f"{type(e).__name__}: {e}"
     return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "datasets_import": datasets_import,
             "nvidia_smi": smi.stdout.strip() if smi else None, "cuda": torch.version.cuda,
             "python": sys.version.split()[0], "versions": versions, "cpu_count": os.cpu_count(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started))}
@@ -420,10 +428,10 @@ def main(argv=None) -> None:
     p.add_argument("k", type=int)
     p = sub.add_parser("device-run", help="(device) assemble, install, convert, run the plan")
     p.add_argument("--budget-s", type=float, default=540, help="the whole call, setup included")
-    p.add_argument("--throughput-s", type=float, default=50, help="part c")
-    p.add_argument("--bench-s", type=float, default=180, help="part a")
-    p.add_argument("--train-s", type=float, default=240, help="part b")
-    p.add_argument("--bench-prompts", type=int, default=6, help="prompts per bench chunk (fewer when short of time)")
+    p.add_argument("--throughput-s", type=float, default=40, help="part c")
+    p.add_argument("--bench-s", type=float, default=230, help="part a")
+    p.add_argument("--train-s", type=float, default=220, help="part b")
+    p.add_argument("--bench-prompts", type=int, default=4, help="prompts per bench chunk (fewer when short of time)")
     p.add_argument("--bench-tokens", type=int, default=128)
     p.add_argument("--gen-batch", type=int, default=384, help="sequences per batch writing the answers")
     p.add_argument("--recipe", default="recipes/smollm2-135m-answers.yaml", help="part b's training recipe")

@@ -51,15 +51,15 @@ class PlanConfig:
     exits: list[int] = field(default_factory=lambda: [8, 12, 16, 20, 24])
     dtypes: list[str] = field(default_factory=lambda: ["bfloat16", "float32"])
     # c. throughput
-    throughput_s: float = 50
+    throughput_s: float = 40
     throughput_batches: list[int] = field(default_factory=lambda: [64, 256])
-    throughput_steps: int = 25
+    throughput_steps: int = 20
     # a. bench
-    bench_s: float = 180
-    bench_prompts: int = 6
+    bench_s: float = 230
+    bench_prompts: int = 4
     bench_tokens: int = 128
     # b. train
-    train_s: float = 240
+    train_s: float = 220
     gen_share: float = 0.25  # of train_s: writing answers
     train_share: float = 0.35  # of train_s: training; the rest is start-up, quality and the bench
     gen_batch: int = 384
@@ -194,27 +194,35 @@ def part_bench(cfg: PlanConfig, deadline: float) -> None:
     from balspec.generate import load
     from balspec.prompts import load_prompts
 
-    models, rate, done = {}, None, []  # rate: tokens decoded per second over the chunks so far
+    models, rate, done = {}, None, []  # rate: tokens decoded per second, measured, then over the chunks so far
     for chunk in bench_chunks(cfg):
-        remaining = deadline - time.time()
         if chunk["dtype"] not in models:
             models[chunk["dtype"]] = load(model=cfg.model, exits=cfg.shipped_exits, dtype=chunk["dtype"],
                                           device=cfg.device)
         bm = models[chunk["dtype"]]
+        if rate is None:  # one full-mode decode (after a warm-up) sizes the first chunk
+            bm.generate("Write a short story about a lighthouse.", mode="full", max_new_tokens=8)
+            t0 = time.time()
+            out = bm.generate("Write a short story about a lighthouse.", mode="full", max_new_tokens=cfg.bench_tokens,
+                              eos=False)
+            rate = len(out.token_ids) / (time.time() - t0)
+            log(f"bench: full mode decodes {rate:.0f} tokens/s")
+        remaining = deadline - time.time()
         opts = bench_lib.BenchOptions(exits=cfg.exits, draft_lens=chunk["draft_lens"],
                                       draft_widths=chunk["widths"], max_new_tokens=cfg.bench_tokens,
                                       peers=chunk["peers"], early_exit=chunk["early_exit"])
         n_settings = len(bench_lib.settings(opts, bm.exit_modules.sub_model_exits))
         prompts = cfg.bench_prompts
-        if rate is not None:  # shrink the chunk to what fits, down to 2 prompts, else skip it
-            def estimate(n):
-                return n_settings * (opts.warmup + n) * cfg.bench_tokens / rate * 1.25
-            while prompts > 2 and estimate(prompts) > remaining:
-                prompts -= 1
-            if estimate(prompts) > remaining:
-                done.append({"chunk": chunk["name"], "status": "skipped (would not fit)",
-                             "estimate_s": round(estimate(prompts), 1)})
-                continue
+        def estimate(n):  # decodes at the rate so far, with room for the pass-cost timing and slower peers
+            return n_settings * (opts.warmup + n) * cfg.bench_tokens / rate * 1.25
+
+        while prompts > 2 and estimate(prompts) > remaining:  # shrink the chunk to what fits, else skip it
+            prompts -= 1
+        if estimate(prompts) > remaining:
+            done.append({"chunk": chunk["name"], "status": "skipped (would not fit)",
+                         "estimate_s": round(estimate(prompts), 1)})
+            write_json(cfg.results / "a_bench.json", {"chunks": done, "calibration_tokens_per_s": rate})
+            continue
         source = chunk["prompts"]
         prompt_set = load_prompts(source, prompts)
         command = bench_command(cfg, chunk, source, prompts)
@@ -226,12 +234,11 @@ def part_bench(cfg: PlanConfig, deadline: float) -> None:
         (cfg.results / "a").mkdir(parents=True, exist_ok=True)
         report.write_json(result, cfg.results / "a" / f"{chunk['name']}.json")
         decoded = sum(r.summary.new_tokens for r in [result.baseline, *result.results]) * (1 + 1 / prompts)
-        rate = decoded / seconds if rate is None else (rate + decoded / seconds) / 2
+        rate = (rate + decoded / seconds) / 2
         done.append({"chunk": chunk["name"], "status": "ok", "seconds": round(seconds, 1), "prompts": prompts,
-                     "settings": n_settings, "command": command})
+                     "settings": n_settings, "estimate_s": round(estimate(prompts), 1), "command": command})
         write_json(cfg.results / "a_bench.json", {"chunks": done})
         bundle(cfg)
-    write_json(cfg.results / "a_bench.json", {"chunks": done})
 
 
 def bench_chunks(cfg: PlanConfig) -> list[dict]:
