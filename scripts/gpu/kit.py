@@ -464,7 +464,6 @@ def main(argv=None) -> None:
             seen = dry_run(args.root or Path(tmp))
             problems = check_out(seen["out"])
             print(f"\ndry run: {len(seen['calls'])} calls, {seen['seconds']} s; back: {', '.join(seen['files'])}")
-            print(seen["summary"])
             if problems:
                 raise SystemExit("error: " + "; ".join(problems))
 
