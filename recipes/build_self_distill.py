@@ -28,7 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 import instructions  # noqa: E402  (recipes/, beside this script)
 
-def generate(prompts: list[str], out: Path, max_new_tokens: int, batch_size: int, model_name: str | None) -> None:
+def generate(prompts: list[str], out: Path, max_new_tokens: int, batch_size: int, model_name: str | None,
+             dtype: str = "float32", device: str = "cpu", deadline: float | None = None) -> int:
+    """Append the full model's greedy answers to `out`, batch by batch; stop after the batch that passes
+    `deadline` (a time.time() value). Returns the answer tokens generated."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -38,7 +41,7 @@ def generate(prompts: list[str], out: Path, max_new_tokens: int, batch_size: int
     if out.exists():
         done = {json.loads(line)["messages"][0]["content"] for line in open(out, encoding="utf-8")}
     todo = [p for p in prompts if p not in done]
-    model, tokenizer = load_model(model_name, "float32", "cpu")
+    model, tokenizer = load_model(model_name, dtype, device)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -56,7 +59,8 @@ def generate(prompts: list[str], out: Path, max_new_tokens: int, batch_size: int
         task = progress.add_task("", total=len(todo), rate="")
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
-            batch = tokenizer([encoded[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = tokenizer([encoded[i] for i in idx], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)
             with torch.inference_mode():
                 output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                         pad_token_id=tokenizer.pad_token_id)
@@ -70,6 +74,9 @@ def generate(prompts: list[str], out: Path, max_new_tokens: int, batch_size: int
                                        ensure_ascii=False) + "\n")
             f.flush()
             progress.update(task, advance=len(idx), rate=f"{generated / (time.time() - start):.0f} tok/s")
+            if deadline is not None and time.time() > deadline:
+                break
+    return generated
 
 
 def main() -> None:
