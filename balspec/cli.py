@@ -47,8 +47,8 @@ def generate(
                                          "exits store a reduced draft vocabulary (same output, slower drafts)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    logits_dtype: str = typer.Option("float32", "--logits-dtype", help="The full model's LM head in float32 "
-                                     "(default; bf16/fp16 models: no ties from rounded logits) or 'model' (its dtype)."),
+    logits_dtype: str = typer.Option("model", "--logits-dtype", help="The full model's LM head in the "
+                                     "model's dtype ('model', default) or 'float32' (bf16/fp16 models)."),
 ) -> None:
     """Generate text with the full model, an exit's sub-model, or speculatively (exact full-model output).
 
@@ -210,8 +210,8 @@ def bench(
                                          "exits store a reduced draft vocabulary (same output, slower drafts)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    logits_dtype: str = typer.Option("float32", "--logits-dtype", help="The full model's LM head in float32 "
-                                     "(default; bf16/fp16 models: no ties from rounded logits) or 'model' (its dtype)."),
+    logits_dtype: str = typer.Option("model", "--logits-dtype", help="The full model's LM head in the "
+                                     "model's dtype ('model', default) or 'float32' (bf16/fp16 models)."),
 ) -> None:
     """Measure acceptance, tokens per cycle (tau) and wall-clock speedup per exit and draft length.
 

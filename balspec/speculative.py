@@ -48,7 +48,7 @@ class Engine:
     """
 
     def __init__(self, model: torch.nn.Module, exits: Exits | None = None, draft_vocab: torch.Tensor | None = None,
-                 logits_dtype: str = "float32", layer_path: str | None = None):
+                 logits_dtype: str = "model", layer_path: str | None = None):
         self.model = model
         self.parts = model_parts(model)
         self.exits = exits
@@ -60,8 +60,9 @@ class Engine:
         self.vocab_size = weight.shape[0]
         # The full model's logits (every mode's and the verify's): "float32" computes the LM head's product in
         # fp32 on the final normed states when the model runs in bf16/fp16, so two tokens are never tied by
-        # bf16 rounding of the logits (the verify pass over k + 1 rows and a one-row full step then agree far
-        # more often; README: exactness policy). "model" keeps the model's dtype. fp32 models: no difference.
+        # bf16 rounding of the logits. "model" (default) keeps the model's dtype: measured on the default model
+        # in bf16 (evals/bf16_exactness.py), fp32 logits did not make the verify pass agree with a one-row
+        # full step more often; the differences come from the trunk's rounding. fp32 models: no difference.
         if logits_dtype not in LOGITS_DTYPES:
             raise BalspecError(f"--logits-dtype must be one of {', '.join(LOGITS_DTYPES)}, got {logits_dtype!r}")
         self.logits_dtype = "model" if self.dtype == torch.float32 else logits_dtype

@@ -22,7 +22,7 @@ def sharp_model(num_layers=6, seed=0):
     return model
 
 
-def make_bm(model=None, exits=EXITS, draft_vocab=None, logits_dtype="float32"):
+def make_bm(model=None, exits=EXITS, draft_vocab=None, logits_dtype="model"):
     model = model or sharp_model()
     modules = attach_exits(model, exits).requires_grad_(False).eval()
     return BalconyModel(model, tiny_tokenizer(), modules, draft_vocab=draft_vocab, logits_dtype=logits_dtype)
@@ -305,8 +305,8 @@ def test_no_exits_loaded_means_full_only():
         bm.generate("hi", mode="speculative")
 
 
-def test_bf16_full_model_logits_are_computed_in_fp32_by_default():
-    """The exactness policy for bf16/fp16 models: the LM head's product runs in fp32 on the final normed
+def test_bf16_full_model_logits_can_be_computed_in_fp32():
+    """--logits-dtype float32 for bf16/fp16 models: the LM head's product runs in fp32 on the final normed
     states (no ties from logits rounded to bf16), in full mode and in the verify pass alike."""
     model = sharp_model().to(torch.bfloat16)
     normed = torch.randn(1, 3, model.config.hidden_size).to(torch.bfloat16)

@@ -252,7 +252,7 @@ def test_info_on_the_shipped_exits():
     from balspec.info import describe_checkpoint
 
     info = describe_checkpoint(default_exits_path(None))
-    assert info["checksum_ok"] and info["draft_vocab"]["size"] == 8192
+    assert info["checksum_ok"] and info["draft_vocab"]["size"] == 8195  # 8192 counted + 3 control tokens
     assert set(info["parameters_per_exit"]) == {str(e) for e in info["exits"]} >= {"8", "12", "16"}
     assert all(n > 0 for n in info["parameters_per_exit"].values())
     assert info["defaults"]["mode"] in ("full", "speculative") and info["training"]["steps"] > 0

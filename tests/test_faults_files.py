@@ -346,7 +346,7 @@ def test_a_failed_conversion_leaves_no_partial(tmp_path):
         raise OSError("No space left on device")
 
     tokenizer.save_pretrained = fail
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(BalspecError, match="No space left"):
         write_model_dir(tmp_path / "models" / "tiny-random", tiny_model(), tokenizer)
     assert list((tmp_path / "models").iterdir()) == []
 
