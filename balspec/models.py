@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -79,6 +80,8 @@ def write_model_dir(target: Path, model, tokenizer) -> Path:
         _make_writable_dir(target.parent)
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        if not (partial / "config.json").exists():  # a rank > 0 of a distributed launch: transformers saves the
+            return _wait_for_model(target)       # model on rank 0 only, and rank 0 renames its own partial
         apply_umask(partial)
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -92,6 +95,15 @@ def write_model_dir(target: Path, model, tokenizer) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
     if not (target / "config.json").exists():
         raise BalspecError(f"{target} exists but holds no model balspec wrote: move it away and run again")
+    return target
+
+
+def _wait_for_model(target: Path, timeout_s: float = 600.0) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while not (target / "config.json").exists():
+        if time.monotonic() > deadline:
+            raise BalspecError(f"{target}: the process writing this model did not finish in {timeout_s:.0f} s")
+        time.sleep(0.2)
     return target
 
 
