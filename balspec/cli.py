@@ -328,7 +328,8 @@ def main() -> None:
     try:
         app()
     except BalspecError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: launched processes printing together do not interleave
+        sys.stderr.flush()
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

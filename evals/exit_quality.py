@@ -202,7 +202,8 @@ def main(argv=None) -> None:
     try:
         run(parse_args(argv))
     except BalspecError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: launched processes printing together do not interleave
+        sys.stderr.flush()
         sys.exit(1)
 
 
