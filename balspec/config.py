@@ -110,6 +110,11 @@ class LossConfig:
     """Weight of next-token cross-entropy added to each exit's KL (paper: 0, it does not help)."""
     chunk_size: int = 1024
     """Positions per chunk of the fused LM-head + KL: bounds memory at chunk x vocab floats per exit."""
+    draft_vocab: str | None = None
+    """Draft-kind exits only: train on the KL over a reduced draft vocabulary, the only tokens a reduced draft
+    head proposes (the teacher's mass outside it is dropped), which shrinks each exit's head products to its
+    size. "default" takes the shipped exits' vocabulary, or give an exits directory that holds one; the
+    trained exits keep it. null: the KL over the whole vocabulary."""
 
 
 @dataclass
@@ -281,6 +286,10 @@ def validate(config: TrainingConfig) -> None:
         ("optim.grad_accum", c.optim.grad_accum >= 1, "at least 1"),
         ("loss.ce_weight", c.loss.ce_weight >= 0, "0 or more"),
         ("loss.chunk_size", c.loss.chunk_size >= 1, "at least 1"),
+        ("loss.draft_vocab", c.loss.draft_vocab is None or set(c.exits.draft) == set(c.exits.layers),
+         "null unless every exit is of the draft kind (a sub-model exit's early-exit mode needs every token)"),
+        ("loss.draft_vocab", c.loss.draft_vocab is None or c.loss.ce_weight == 0,
+         "null when loss.ce_weight > 0 (no cross-entropy over a reduced vocabulary)"),
         ("train.max_steps", c.train.max_steps >= 1, "at least 1"),
         ("train.mixed_precision", c.train.mixed_precision in MIXED_PRECISION, f"one of {', '.join(MIXED_PRECISION)}"),
         ("train.log_every", c.train.log_every >= 1, "at least 1"),

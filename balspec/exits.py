@@ -344,7 +344,7 @@ def _meta_schema() -> dict:
             "defaults": ({"mode": (_one_of(MODES), False), "exit": (_WHOLE, False), "draft_len": (draft_len, False),
                           "draft_width": (_COUNT, False), "measured": (_OBJECT, False)}, False),
             "draft_vocab": ({"size": (_COUNT, True), "train_coverage": (_NUMBER_OR_NULL, False),
-                             "heldout_coverage": (_NUMBER_OR_NULL, False)}, False)}
+                             "heldout_coverage": (_NUMBER_OR_NULL, False), "source": (_TEXT, False)}, False)}
 
 
 def _check_meta(meta, meta_file: Path) -> None:
@@ -423,18 +423,35 @@ def load_exits(model: nn.Module, path: str | Path) -> tuple[Exits, dict]:
     exits.layer_init = meta.get("layer_init", "last")
     draft_vocab = tensors.pop(DRAFT_VOCAB_KEY, None)
     if draft_vocab is not None:
-        vocab = model_parts(model).head.weight.shape[0]
-        if draft_vocab.dim() != 1 or draft_vocab.numel() == 0 or int(draft_vocab.min()) < 0 \
-                or int(draft_vocab.max()) >= vocab or draft_vocab.unique().numel() != draft_vocab.numel():
-            raise BalspecError(f"{path / WEIGHTS_FILE}: its draft vocabulary is not a list of distinct token ids "
-                               f"below {vocab}")
-        exits.draft_vocab = draft_vocab.long()
+        exits.draft_vocab = _checked_vocab(draft_vocab, model, f"{path / WEIGHTS_FILE}: its draft vocabulary")
     missing, unexpected = exits.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise BalspecError(f"{path / WEIGHTS_FILE} does not match {META_FILE} "
                            f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
     exits.to(dtype=model_parts(model).head.weight.dtype).requires_grad_(False).eval()
     return exits, meta
+
+
+def read_draft_vocab(model: nn.Module, path: str | Path, where: str) -> torch.Tensor:
+    """The draft vocabulary [V] (int64 token ids) stored with the exits checkpoint at `path`, which must be for
+    `model`'s base. Raises BalspecError naming `where` if the checkpoint has none or is not for this model."""
+    from safetensors import safe_open
+
+    meta = read_meta(path)
+    check_base(meta, model, where)
+    with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt") as f:
+        if DRAFT_VOCAB_KEY not in f.keys():
+            raise BalspecError(f"{where}: {path} holds no draft vocabulary")
+        vocab = f.get_tensor(DRAFT_VOCAB_KEY)
+    return _checked_vocab(vocab, model, f"{where}: the draft vocabulary in {path}")
+
+
+def _checked_vocab(vocab: torch.Tensor, model: nn.Module, what: str) -> torch.Tensor:
+    size = model_parts(model).head.weight.shape[0]
+    if vocab.dim() != 1 or vocab.numel() == 0 or int(vocab.min()) < 0 or int(vocab.max()) >= size \
+            or vocab.unique().numel() != vocab.numel():
+        raise BalspecError(f"{what} is not a list of distinct token ids below {size}")
+    return vocab.long()
 
 
 def frequent_tokens(sequences, vocab_size: int, size: int, always=()) -> tuple[torch.Tensor, float]:

@@ -69,22 +69,32 @@ class Workspace:
 
 def distill_losses(hidden: list[torch.Tensor], teacher_hidden: torch.Tensor, head: nn.Linear,
                    labels: torch.Tensor | None = None, ce_weight: float = 0.0, chunk: int = 1024,
-                   workspace: Workspace | None = None) -> ExitLosses:
+                   workspace: Workspace | None = None, vocab: torch.Tensor | None = None) -> ExitLosses:
     """Losses of the exits whose normed balcony outputs are `hidden` (each [positions, hidden_size]).
 
     teacher_hidden: the full model's final normed hidden states [positions, hidden_size]; labels:
     [positions] (-100: none), needed when ce_weight > 0. Gradients flow to `hidden` only: the head is
     the base model's and stays frozen.
+
+    vocab: [V] distinct token ids of a reduced draft vocabulary (loss.draft_vocab), or None for the whole
+    one. With it, an exit's distribution is q = softmax over V of its logits there (what its reduced draft
+    head proposes), and a position's loss is p(V) KL(p_V / p(V) || q): the KL from the teacher's
+    distribution restricted to V and renormalised, weighted by the teacher's mass in V (a position whose
+    next token is rarely in V can hardly be drafted). Its gradient w.r.t. z_V is p(V) q - p_V. Agreement
+    counts positions where the exit's choice within V is the teacher's token over the whole vocabulary. The
+    teacher's softmax still spans the whole vocabulary; each exit's head products shrink to |V| rows. No CE.
     """
     if ce_weight > 0 and labels is None:
         raise ValueError("ce_weight > 0 needs labels")
+    if vocab is not None and ce_weight > 0:
+        raise ValueError("a draft-vocabulary KL takes no cross-entropy term")
     want_grad = torch.is_grad_enabled() and any(h.requires_grad for h in hidden)
     n = teacher_hidden.shape[0]
     if n == 0:  # a batch without a counted position: zero loss, still a graph for backward (and DDP) to walk
         zero = torch.stack([h.sum() * 0 for h in hidden]).float()
         return ExitLosses(zero, zero.detach(), zero.detach(), zero.detach(), 0)
     loss, metrics = _FusedHeadKL.apply(teacher_hidden, labels, head.weight, head.bias, ce_weight, chunk,
-                                       want_grad, workspace or Workspace(), *hidden)
+                                       want_grad, workspace or Workspace(), vocab, *hidden)
     return ExitLosses(loss, metrics[0], metrics[1], metrics[2], n)
 
 
@@ -98,13 +108,19 @@ class _FusedHeadKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, teacher_hidden, labels, weight, bias, ce_weight, chunk, want_grad, workspace, *hidden):
+    def forward(ctx, teacher_hidden, labels, weight, bias, ce_weight, chunk, want_grad, workspace, vocab, *hidden):
         n, device = teacher_hidden.shape[0], teacher_hidden.device
         n_valid = max(int((labels >= 0).sum()), 1) if labels is not None else 1
         sums = torch.zeros(3, len(hidden), dtype=torch.float64, device=device)  # kl, ce, agree
         grads = [torch.empty_like(h) for h in hidden] if want_grad else None
         shape = (min(chunk, n), weight.shape[0])
-        logits, p, q = (workspace.get(name, shape, device) for name in ("logits", "p", "q"))  # [chunk, vocab]
+        logits, p = (workspace.get(name, shape, device) for name in ("logits", "p"))  # [chunk, vocab]
+        # The exits' head: the whole one, or its rows of the draft vocabulary.
+        weight_s = weight if vocab is None else weight.index_select(0, vocab)
+        bias_s = bias if bias is None or vocab is None else bias.index_select(0, vocab)
+        shape_s = (shape[0], weight_s.shape[0])
+        q = workspace.get("q", shape_s, device)  # [chunk, |vocab|]
+        z_buf = logits if vocab is None else workspace.get("z", shape_s, device)  # the teacher's buffer once dead
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             size = rows.stop - rows.start
@@ -112,21 +128,30 @@ class _FusedHeadKL(torch.autograd.Function):
             t = _logits_into(logits[:size], teacher_hidden[rows], weight, bias)
             max_t, top_t = t.max(dim=-1)  # [chunk]
             p_t = torch.softmax(t, dim=-1, out=p[:size])
-            p_logp = _rowdot(p_t, t) - _logsumexp(max_t, p_t, top_t)  # [chunk]: sum_v p_v log p_v
+            lse_t = _logsumexp(max_t, p_t, top_t)
+            if vocab is None:
+                mass = None
+                p_logp = _rowdot(p_t, t) - lse_t  # [chunk]: sum_v p_v log p_v
+            else:  # p(V) KL(p_V / p(V) || q) = sum_V p_v log p_v - p(V) log p(V) - sum_V p_v z_v + p(V) lse(z)
+                p_t = p_t.index_select(1, vocab)  # [chunk, |vocab|]
+                mass = p_t.sum(dim=-1)  # [chunk]: p(V)
+                p_logp = _rowdot(p_t, t.index_select(1, vocab)) - mass * lse_t - mass * mass.clamp(min=1e-30).log()
             for i, h in enumerate(hidden):
-                z = _logits_into(logits[:size], h[rows], weight, bias)
+                z = _logits_into(z_buf[:size], h[rows], weight_s, bias_s)
                 max_z, top_z = z.max(dim=-1)
                 p_z = _rowdot(p_t, z)
                 q_z = torch.softmax(z, dim=-1, out=q[:size])  # z stays: its buffer is not q's
                 lse_z = _logsumexp(max_z, q_z, top_z)
-                sums[0, i] += (p_logp - p_z + lse_z).sum()
-                sums[2, i] += (top_z == top_t).sum()
+                sums[0, i] += (p_logp - p_z + (lse_z if mass is None else mass * lse_z)).sum()
+                sums[2, i] += ((top_z if vocab is None else vocab[top_z]) == top_t).sum()
                 if lab is not None:
                     z_label = z.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
                     sums[1, i] += ((lse_z - z_label) * (lab >= 0)).sum()
                 if want_grad:
+                    if mass is not None:
+                        q_z.mul_(mass.unsqueeze(-1))  # d/dz = p(V) q - p_V
                     scale = _logit_gradient(q_z, p_t, n, ce_weight, n_valid, lab)
-                    grads[i][rows] = (_matmul(q_z, weight) * scale).to(h.dtype)  # [chunk, hidden]
+                    grads[i][rows] = (_matmul(q_z, weight_s) * scale).to(h.dtype)  # [chunk, hidden]
         kl, ce, agree = sums[0] / n, sums[1] / n_valid, sums[2] / n
         ctx.grads = grads
         metrics = torch.stack([kl, ce, agree]).float()  # [3, exits]
@@ -137,7 +162,7 @@ class _FusedHeadKL(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_metrics):
         grads = [g * grad_loss[i].to(g.dtype) for i, g in enumerate(ctx.grads)]
         ctx.grads = None
-        return (None,) * 8 + tuple(grads)
+        return (None,) * 9 + tuple(grads)
 
 
 def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -188,11 +213,13 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, exits: Exits, ce_weight: float = 0.0, chunk: int = 1024, checkpointing: bool = False,
-                 draft_chain: int = 1):
+                 draft_chain: int = 1, draft_vocab: torch.Tensor | None = None):
         super().__init__()
         self.exits = exits
         self.ce_weight, self.chunk, self.checkpointing = ce_weight, chunk, checkpointing
         self.draft_chain = draft_chain  # draft-kind exits: r ~ uniform 0..draft_chain-1 unverified rows
+        # [V] token ids: the KL over a reduced draft vocabulary (loss.draft_vocab); moves with the module
+        self.register_buffer("draft_vocab", draft_vocab, persistent=False)
         self.workspace = Workspace()
 
     def forward(self, trunk: list[torch.Tensor], position_embeddings, teacher_hidden: torch.Tensor, head: nn.Linear,
@@ -231,4 +258,5 @@ class Distiller(nn.Module):
             normed = [h.index_select(0, rows) for h in normed]
             teacher = teacher.index_select(0, rows)
             flat_labels = flat_labels.index_select(0, rows) if flat_labels is not None else None
-        return distill_losses(normed, teacher, head, flat_labels, self.ce_weight, self.chunk, self.workspace)
+        return distill_losses(normed, teacher, head, flat_labels, self.ce_weight, self.chunk, self.workspace,
+                              self.draft_vocab)

@@ -42,7 +42,7 @@ from balspec.config import (
 )
 from balspec.data import Batch, load_blocks
 from balspec.errors import BalspecError
-from balspec.exits import Exits, attach_exits, init_exits_from, model_parts, read_meta, save_exits
+from balspec.exits import Exits, attach_exits, init_exits_from, model_parts, read_draft_vocab, read_meta, save_exits
 from balspec.files import check_output_dir
 from balspec.loss import Distiller, ExitLosses, next_token_labels, teacher_forward
 from balspec.models import device_name, load_model
@@ -198,13 +198,15 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                          seed=c.train.seed, draft_exits=c.exits.draft).float()  # fp32 master weights whatever the base dtype
     if c.exits.init_from and resume_from is None:  # resumed: the checkpoint's weights replace them anyway
         init_exits_from(exits, model, c.exits.init_from)
+    if c.loss.draft_vocab is not None:  # kept with the trained exits: they draft through it
+        exits.draft_vocab = read_draft_vocab(model, draft_vocab_path(c.loss.draft_vocab), "loss.draft_vocab")
     blocks, eval_blocks = load_blocks(c.data, tokenizer, c.train.seed, accelerator.process_index,
                                       accelerator.num_processes)  # eval_blocks: all of them, a Batch
 
     output = Path(c.train.output)
     with run_directory(output, accelerator, config, resume_from):
         distiller = Distiller(exits, c.loss.ce_weight, c.loss.chunk_size, c.train.gradient_checkpointing,
-                              c.exits.draft_chain)
+                              c.exits.draft_chain, exits.draft_vocab)
         optimizer = build_optimizer(distiller, c)
         # Not prepared: a prepared scheduler steps once per process; this one steps once per optimizer step.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(c))
@@ -273,9 +275,22 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                             record(), c)
         final = gathered_exits(accelerator, distiller, model, c)
         if accelerator.is_main_process:
-            save_exits(final, model, output, dtype=parts.head.weight.dtype, training=record())
+            save_exits(final, model, output, dtype=parts.head.weight.dtype, training=record(),
+                       draft_vocab_info=draft_vocab_info(c))
         accelerator.wait_for_everyone()
     return output
+
+
+def draft_vocab_path(name: str) -> Path:
+    """loss.draft_vocab -> the exits directory that holds the vocabulary ("default": the shipped exits)."""
+    from balspec.generate import DEFAULT_EXITS_DIR
+
+    return DEFAULT_EXITS_DIR if name == "default" else Path(name)
+
+
+def draft_vocab_info(c: TrainingConfig) -> dict | None:
+    """balspec.json's record of a vocabulary the exits were trained over (its size is added on save)."""
+    return None if c.loss.draft_vocab is None else {"source": f"loss.draft_vocab: {c.loss.draft_vocab}"}
 
 
 @contextmanager
@@ -398,7 +413,7 @@ def save_checkpoint(accelerator, distiller, optimizer, scheduler, blocks, progre
     exits = gathered_exits(accelerator, distiller, model, c)
     accelerator.wait_for_everyone()  # every process's part is in `partial` before it is renamed
     if accelerator.is_main_process:
-        save_exits(exits, model, partial, training=training)
+        save_exits(exits, model, partial, training=training, draft_vocab_info=draft_vocab_info(c))
         shutil.rmtree(final, ignore_errors=True)  # only when an older run reached this step: replace it
         os.replace(partial, final)
         for old in checkpoints(output)[:-c.train.keep_checkpoints]:
@@ -417,6 +432,7 @@ def gathered_exits(accelerator, distiller, model, c: TrainingConfig) -> Exits | 
     exits = attach_exits(model, c.exits.layers, c.exits.norm_init, c.exits.layer_init, c.exits.balcony_layers,
                          draft_exits=c.exits.draft)
     exits.load_state_dict({k.removeprefix("exits."): v for k, v in state.items()})
+    exits.draft_vocab = accelerator.unwrap_model(distiller).exits.draft_vocab
     return exits
 
 

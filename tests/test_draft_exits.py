@@ -247,3 +247,41 @@ def test_packaging_adds_draft_exits_beside_sub_model_exits(tmp_path):
     assert training["steps"] == 3 and training["added_exits"][0]["training"] == {"steps": 7}
     with pytest.raises(BalspecError, match="other exits"):
         add_exits(model, drafts, {}, str(tmp_path / "drafts"))
+
+
+def test_draft_exits_train_over_a_reduced_draft_vocabulary_and_keep_it(tmp_path):
+    """loss.draft_vocab: the KL over the vocabulary an exits checkpoint holds; the trained exits store it and
+    draft through it (greedy speculative output still equals full), and balspec.json says where it came from.
+    Sub-model exits cannot take it (their early-exit mode needs every token)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from balspec.models import load_model
+    from balspec.train import train
+    from tests.test_train import tiny_config
+
+    model, tokenizer = load_model("tiny-random")
+    source = attach_exits(model, [2], draft_exits=[2])
+    source.draft_vocab = torch.arange(0, model.config.vocab_size, 2)  # every other token
+    save_exits(source, model, tmp_path / "vocab")
+    sets = ["exits.layers=[2]", "exits.draft=[2]", f"loss.draft_vocab={tmp_path / 'vocab'}", "train.max_steps=12",
+            "train.log_every=1", "train.eval_every=12", "optim.lr=3e-3"]
+    run = train(tiny_config(tmp_path / "run", *sets))
+    meta = json.loads((run / "balspec.json").read_text())
+    assert meta["draft_vocab"] == {"size": len(source.draft_vocab), "source": f"loss.draft_vocab: {tmp_path / 'vocab'}"}
+    assert torch.equal(load_file(run / "exits.safetensors")["draft_vocab"], source.draft_vocab)
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    kl = [ln["kl/2"] for ln in lines if "kl/2" in ln]
+    assert kl[-1] < 0.7 * kl[0] and min(kl) >= 0
+
+    exits, _ = load_exits(model, run)
+    bm = BalconyModel(model, tokenizer, exits.requires_grad_(False).eval(), draft_vocab=exits.draft_vocab)
+    prompt = "the quick brown fox"
+    full = bm.generate(prompt, mode="full", max_new_tokens=24, chat=False, eos=False).token_ids
+    spec = bm.generate(prompt, mode="speculative", exit=2, draft_len=3, max_new_tokens=24, chat=False, eos=False)
+    assert spec.token_ids == full and spec.stats.drafted > 0
+
+    with pytest.raises(BalspecError, match="loss.draft_vocab: must be null unless every exit is of the draft kind"):
+        train(tiny_config(tmp_path / "mixed", "exits.layers=[2,4]", "exits.draft=[2]",
+                          f"loss.draft_vocab={tmp_path / 'vocab'}"))

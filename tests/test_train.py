@@ -127,6 +127,37 @@ def test_fused_kl_matches_hand_written_loop(ce_weight):
         torch.testing.assert_close(losses.ce, torch.stack(ce).detach())
 
 
+def test_draft_vocabulary_kl_is_the_renormalised_kl_over_the_vocabulary_weighted_by_its_teacher_mass():
+    generator = torch.Generator().manual_seed(1)
+    n, hidden_size, vocab_size = 19, 16, 50
+    head = torch.nn.Linear(hidden_size, vocab_size, bias=False).requires_grad_(False)
+    teacher_hidden = torch.randn(n, hidden_size, generator=generator) * 3  # [positions, hidden]
+    vocab = torch.randperm(vocab_size, generator=generator)[:12].sort().values  # [12] token ids
+    hidden = [torch.randn(n, hidden_size, generator=generator, requires_grad=True) for _ in range(2)]
+
+    losses = distill_losses(hidden, teacher_hidden, head, chunk=6, vocab=vocab)
+    losses.loss.sum().backward()
+    fused_grads = [h.grad.clone() for h in hidden]
+    for h in hidden:
+        h.grad = None
+    p = torch.softmax(head(teacher_hidden).double(), -1)[:, vocab]  # [positions, 12]: the teacher's mass in V
+    mass = p.sum(-1, keepdim=True)  # [positions, 1]
+    expected = 0.0
+    for h in hidden:
+        log_q = torch.log_softmax(head(h)[:, vocab].double(), -1)  # the reduced draft head's distribution
+        renormalised_kl = (p / mass * ((p / mass).log() - log_q)).sum(-1)  # KL(p restricted to V || q)
+        expected = expected + (mass.squeeze(-1) * renormalised_kl).mean()
+    expected.backward()
+
+    torch.testing.assert_close(losses.loss.sum().double(), expected.detach(), atol=1e-5, rtol=1e-5)
+    for got, h in zip(fused_grads, hidden):
+        torch.testing.assert_close(got, h.grad, atol=1e-6, rtol=1e-4)
+    teacher_top = head(teacher_hidden).argmax(-1)  # over the whole vocabulary
+    top1 = [(vocab[head(h)[:, vocab].argmax(-1)] == teacher_top).float().mean() for h in hidden]
+    torch.testing.assert_close(losses.agree, torch.stack(top1))
+    assert float(losses.agree.min()) < 1 and not (teacher_top[:, None] == vocab).any(-1).all()  # some out of V
+
+
 def test_distiller_equals_reference_kl_and_gradients():
     model = tiny_model()
     parts = model_parts(model)
