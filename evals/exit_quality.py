@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from balspec.errors import BalspecError
-from balspec.exits import attach_exits, load_exits, model_parts, parse_exits
+from balspec.exits import attach_exits, load_exits, model_parts, parse_exits, read_draft_vocab
 from balspec.generate import default_exits_path
 from balspec.models import default_device, load_model
+from balspec.train import draft_vocab_path
 
 DEFAULT_DATA = "data/corpus/heldout.jsonl"  # written by recipes/build_corpus.py
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -46,6 +47,7 @@ class Quality:
     top1_agreement: float
     perplexity: float
     tokens: int
+    top1_draft_vocab: float | None = None  # agreement of the exit's choice within the draft vocabulary (if one)
 
 
 def heldout_blocks(source: str, tokenizer, seq_len: int, max_tokens: int, positions: str = "all"):
@@ -91,11 +93,16 @@ def heads_for(model, trained, untrained, exits: list[int]) -> list[tuple[str, in
 
 
 @torch.inference_mode()
-def measure(model, seqs: list[torch.Tensor], heads: list[tuple[str, int, Head]]) -> list[Quality]:
-    """One full forward per sequence gives p and every h_e; each head then runs on its h_e only."""
+def measure(model, seqs: list[torch.Tensor], heads: list[tuple[str, int, Head]],
+            draft_vocab: torch.Tensor | None = None) -> list[Quality]:
+    """One full forward per sequence gives p and every h_e; each head then runs on its h_e only.
+    draft_vocab [V] token ids: also score each exit's top choice within it (what a reduced draft head proposes)
+    against the full model's over the whole vocabulary."""
     parts = model_parts(model)
     device = parts.head.weight.device
-    sums = {key: [0.0, 0.0, 0.0] for key in [("full", None)] + [(n, e) for n, e, _ in heads]}  # kl, top1, nll
+    vocab = draft_vocab.to(device) if draft_vocab is not None else None
+    sums = {key: [0.0, 0.0, 0.0, 0.0] for key in [("full", None)] + [(n, e) for n, e, _ in heads]}  # kl, top1, nll,
+    # top-1 within the draft vocabulary
     tokens = 0
     for ids, counted in seqs:
         ids = ids.to(device)
@@ -119,8 +126,11 @@ def measure(model, seqs: list[torch.Tensor], heads: list[tuple[str, int, Head]])
             acc[0] += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
             acc[1] += (log_q.argmax(-1) == top_p).sum().item()
             acc[2] += -log_q.gather(-1, target[:, None]).sum().item()
-    return [Quality(name, e, kl / tokens, top1 / tokens, math.exp(nll / tokens), tokens)
-            for (name, e), (kl, top1, nll) in sums.items()]
+            if vocab is not None:
+                acc[3] += (vocab[log_q.index_select(1, vocab).argmax(-1)] == top_p).sum().item()
+    return [Quality(name, e, kl / tokens, top1 / tokens, math.exp(nll / tokens), tokens,
+                    None if vocab is None or e is None else in_vocab / tokens)
+            for (name, e), (kl, top1, nll, in_vocab) in sums.items()]
 
 
 def print_table(rows: list[Quality], title: str) -> None:
@@ -128,11 +138,14 @@ def print_table(rows: list[Quality], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("sub-model", "exit", "KL (nats)", "top-1 agree", "perplexity"):
+    in_vocab = any(r.top1_draft_vocab is not None for r in rows)
+    for col in ("sub-model", "exit", "KL (nats)", "top-1 agree", *(["top-1 via draft vocab"] if in_vocab else []),
+                "perplexity"):
         table.add_column(col, justify="left" if col == "sub-model" else "right")
     for r in sorted(rows, key=lambda r: (r.exit or 10**9, r.name)):
+        via = ([f"{r.top1_draft_vocab:.1%}" if r.top1_draft_vocab is not None else ""] if in_vocab else [])
         table.add_row(r.name, "" if r.exit is None else str(r.exit), f"{r.kl:.3f}", f"{r.top1_agreement:.1%}",
-                      f"{r.perplexity:.2f}")
+                      *via, f"{r.perplexity:.2f}")
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
@@ -148,6 +161,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--positions", choices=("all", "assistant"), default="all",
                         help="positions scored: all, or those whose next token is in an assistant turn "
                         "(what an exit drafts at generation time)")
+    parser.add_argument("--draft-vocab", default=None,
+                        help="also score each exit's top choice within a draft vocabulary: an exits directory "
+                        "that holds one, or \"default\" (the shipped one); by default the checkpoint's own, if any")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default=None)
@@ -172,7 +188,10 @@ def run(args: argparse.Namespace) -> dict:
     untrained.requires_grad_(False).eval()
     seqs = heldout_blocks(args.data, tokenizer, args.seq_len, args.max_tokens, args.positions)
     t0 = time.perf_counter()
-    rows = measure(model, seqs, heads_for(model, trained, untrained, exits))
+    vocab_source = args.draft_vocab or (str(exits_path) if trained is not None and trained.draft_vocab is not None
+                                        else None)
+    vocab = read_draft_vocab(model, draft_vocab_path(vocab_source), "--draft-vocab") if vocab_source else None
+    rows = measure(model, seqs, heads_for(model, trained, untrained, exits), vocab)
     import transformers
 
     from balspec import __version__
@@ -182,6 +201,7 @@ def run(args: argparse.Namespace) -> dict:
     doc = {"meta": {"device": device_name(device), "dtype": args.dtype, "model": name,
                     "exits_checkpoint": str(exits_path) if exits_path else None,
                     "norm_init": meta.get("norm_init"), "data": args.data, "positions": args.positions,
+                    "draft_vocab": vocab_source, "draft_vocab_size": None if vocab is None else len(vocab),
                     "tokens": rows[0].tokens,
                     "seq_len": args.seq_len, "seconds": round(time.perf_counter() - t0, 1),
                     "versions": {"balspec": __version__, "torch": torch.__version__,

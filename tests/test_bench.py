@@ -214,6 +214,24 @@ def test_exit_quality_is_exact_for_a_copy_of_the_last_layer(monkeypatch, exits_d
     assert rows["balcony (untrained)", 5]["perplexity"] == pytest.approx(rows["full", None]["perplexity"], rel=1e-4)
     assert rows["shared head", 2]["kl"] > 0
     assert doc["meta"]["tokens"] > 0 and doc["meta"]["device"]
+    assert all(r["top1_draft_vocab"] is None for r in doc["rows"])
+
+    # --draft-vocab: each exit's choice within the vocabulary against the full model's over all tokens
+    from balspec.exits import attach_exits, save_exits
+    from balspec.models import load_model
+
+    model, _ = load_model("tiny-random")
+    for name, vocab in (("all", torch.arange(model.config.vocab_size)), ("few", torch.arange(3, 13))):
+        holder = attach_exits(model, [2])
+        holder.draft_vocab = vocab
+        save_exits(holder, model, tmp_path / name)
+        exit_quality.main(["--model", "tiny-random", "--exits", "2,5", "--data", str(data), "--seq-len", "32",
+                           "--draft-vocab", str(tmp_path / name), "--output", str(output)])
+        rows = {(r["name"], r["exit"]): r for r in json.loads(output.read_text())["rows"]}
+        if name == "all":  # nothing left out: the same choices
+            assert all(r["top1_draft_vocab"] == r["top1_agreement"] for k, r in rows.items() if k[1] is not None)
+        else:  # the full model itself, restricted to ten tokens, seldom picks its own choice
+            assert rows["balcony (untrained)", 5]["top1_draft_vocab"] < 0.5
 
 
 def test_draft_widths_parse_and_refuse_sampling():
