@@ -1,5 +1,6 @@
 """Time one decode step of the default model through transformers' decoder layers and through balspec's
-own layer forward (`balspec/layers.py`), interleaved so that machine load hits both alike, for 1-4 rows.
+own layer forward (`balspec/layers.py`), interleaved so that machine load hits both alike, for 1-4 rows;
+with --compile, also balspec's layer forward under torch.compile.
 
     python evals/layer_forward.py --repeats 30 --output evals/results/layer_forward_cpu.json
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 import balspec
-from balspec import skinny
+from balspec import layers, skinny
 from balspec.layers import decoder_layer, module_layer
 from balspec.models import device_name
 
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rows", default="1,2,3,4", help="rows per step (a verify pass runs several)")
     parser.add_argument("--output", help="write the medians as JSON here")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time balspec's layer forward under torch.compile (inductor, dynamic shapes)")
     args = parser.parse_args()
     bm = balspec.load()
     engine = bm.engine
@@ -53,6 +56,26 @@ def main() -> None:
         return hidden
 
     paths = {"transformers": transformers_layers, "balspec": balspec_layers}
+    if args.compile:  # the layer forward around the cache update, compiled (inductor, dynamic shapes)
+        def before_cache(layer, hidden, rope):
+            x = layers.rms_norm(layer.input_layernorm, hidden)
+            return layers._key_value(layer.self_attn, x, rope, engine.linear), \
+                layers._query(layer.self_attn, x, rope, engine.linear)
+
+        def after_cache(layer, hidden, query, key, value, mask):
+            return layers._attend_and_mlp(layer, hidden, query, key, value, mask, engine.linear)
+
+        before, after = torch.compile(before_cache, dynamic=True), torch.compile(after_cache, dynamic=True)
+
+        def compiled_layers(hidden, rows):
+            for layer in engine.parts.layers:
+                rope, mask = rows.views["full_attention"]
+                (key, value), query = before(layer, hidden, rope)
+                key, value = engine.cache.update(key, value, layer.self_attn.layer_idx)
+                hidden = after(layer, hidden, query, key, value, mask)
+            return hidden
+
+        paths["balspec+compile"] = compiled_layers
     times = {(name, n): [] for name in paths for n in map(int, args.rows.split(","))}
     with torch.inference_mode():
         engine.reset(start + 8)
@@ -72,7 +95,7 @@ def main() -> None:
         doc = {"command": "python evals/layer_forward.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()
                                                                        if v is not None),
                "device": device_name("cpu"),
-               "skinny_matmul": engine.skinny, "median_ms_per_step": medians}
+               "skinny_matmul": engine.skinny, "torch": torch.__version__, "median_ms_per_step": medians}
         Path(args.output).write_text(json.dumps(doc, indent=2) + "\n")
 
 
