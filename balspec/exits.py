@@ -32,6 +32,13 @@ DRAFT_VOCAB_KEY = "draft_vocab"  # int64 token ids in exits.safetensors: the red
 _FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "rope_theta",
                        "rope_parameters", "rms_norm_eps", "tie_word_embeddings", "hidden_act")
+# Fields that change the arithmetic of some architectures and are not seen in the weights. Hashed only where
+# set (not None), so a config without them (Llama) keeps the fingerprint it had before they were added.
+_ARITHMETIC_FIELDS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
+                      "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
+                      "rope_local_base_freq", "partial_rotary_factor", "hidden_activation", "embedding_multiplier",
+                      "residual_multiplier", "attention_multiplier", "logits_scaling", "logit_scale",
+                      "use_bidirectional_attention")
 
 
 @dataclass(frozen=True)
@@ -238,7 +245,9 @@ def _reinit(layer: nn.Module, config, generator: torch.Generator) -> None:
 
 
 def config_fingerprint(config) -> str:
+    """A hash of the config fields that decide a balcony's arithmetic: shapes, norms, rotary, windows, caps."""
     fields = {k: getattr(config, k, None) for k in _FINGERPRINT_FIELDS}
+    fields.update({k: getattr(config, k) for k in _ARITHMETIC_FIELDS if getattr(config, k, None) is not None})
     return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
