@@ -110,10 +110,17 @@ def context_layer(layer: nn.Module, hidden: torch.Tensor, context: list[torch.Te
     balconies (autograd, no cache), any architecture: each position sees the full model's states of the
     positions it treats as verified and the balcony's own inputs of the rest."""
     recorder = _Recorder()
-    for states in context:  # a module makes its K/V only inside a whole pass: run one, keep the K/V (the
-        module_layer(layer, states, rope, None, recorder)  # pass's own output is thrown away)
+    for states in context:  # a module makes K/V only inside its forward: start one, stop it once they are made
+        try:
+            module_layer(layer, states, rope, None, recorder)
+        except _Recorded:
+            pass
     recorder.replay = True
     return module_layer(layer, hidden, rope, mask, recorder)
+
+
+class _Recorded(Exception):
+    """A pass of `context_layer` has made its K/V: the rest of it (attention, MLP) is not needed."""
 
 
 class _Recorder:
@@ -130,7 +137,7 @@ class _Recorder:
             return torch.cat(self.keys, 2), torch.cat(self.values, 2)  # [b, kv_heads, n * q, head_dim]
         self.keys.append(key)
         self.values.append(value)
-        return key, value
+        raise _Recorded
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

@@ -194,3 +194,21 @@ def test_the_shipped_exits_keep_their_config_fingerprint():
     meta = json.loads((Path(__file__).parents[1] / "balspec" / "default_exits" / "balspec.json").read_text())
     config = AutoConfig.from_pretrained(default_model_dir())
     assert config_fingerprint(config) == meta["base_model"]["config_fingerprint"]
+
+
+def test_draft_kind_gradients_equal_with_and_without_checkpointing():
+    """context_layer stops each K/V-making pass early; recomputed under gradient checkpointing, it gives the
+    same gradients."""
+    model = build("gemma2")
+    exits = make_bm("gemma2", exits=(1, 2), draft_exits=(1,)).exit_modules.requires_grad_(True)
+    ids = torch.tensor([prompt(12), prompt(12, salt=5)])
+    trunk, final, rope = balcony_inputs(model, exits, ids)
+    grads = []
+    for checkpointing in (False, True):
+        exits.zero_grad()
+        distiller = Distiller(exits, chunk=7, checkpointing=checkpointing, draft_chain=3)
+        distiller(trunk, rope, final, model_parts(model).head, draws=torch.Generator().manual_seed(0)).loss.sum().backward()
+        grads.append({k: p.grad.clone() for k, p in exits.named_parameters()})
+    assert grads[0]["balconies.1.fuse.weight"].abs().sum() > 0
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5)
