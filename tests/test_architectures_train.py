@@ -212,3 +212,26 @@ def test_draft_kind_gradients_equal_with_and_without_checkpointing():
     assert grads[0]["balconies.1.fuse.weight"].abs().sum() > 0
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5)
+
+
+def test_trained_gemma3_exit_exported_to_disk_gives_the_early_exit_logits(tmp_path):
+    """Train, save, load, export exit 2 of Gemma 3 (local/global layers, soft-capped logits) as a standard
+    checkpoint, load it with transformers alone: its logits are early-exit mode's."""
+    from balspec.export import export_submodel
+    from tests.test_export import load_plain
+
+    seen = train_one_step("gemma3", tmp_path)
+    model = seen["model"]
+    exits, _ = load_exits(model, tmp_path / "run")
+    sub = load_plain(export_submodel(model, tiny_tokenizer(), exits, 2, tmp_path / "exit2"))
+    assert sub.config.model_type == "gemma3_text" and sub.config.num_hidden_layers == 3
+    bm = BalconyModel(model, tiny_tokenizer(), exits)
+    ids = prompt(12)
+    out = bm.generate(ids, mode="early-exit", exit=2, max_new_tokens=6, eos=False)
+    seq = ids + out.token_ids
+    with torch.inference_mode():
+        reference = sub(torch.tensor([seq])).logits[0, len(ids) - 1:-1]  # [6, vocab]
+        bm.engine.reset(len(seq))
+        prefill = bm.engine.prefill(torch.tensor([ids]), "early-exit", 2)
+    torch.testing.assert_close(prefill[0], reference[0], atol=1e-5, rtol=1e-5)
+    assert out.token_ids == reference.argmax(-1).tolist()
