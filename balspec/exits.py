@@ -115,13 +115,13 @@ class Balcony(nn.Module):
         layers itself. position_embeddings: cos, sin [b, L, rotary dim] of the base's last layer's kind of
         attention (Architecture.rotary with Architecture.balcony_kind).
 
-        A sub-model balcony attends causally over its own states, within the last layer's sliding window if
-        it has one, as in the engine. A draft balcony needs `deep` (the full
-        model's final normed states [b, L, hidden]) and `unverified` [b, L] (long): r, how many positions
-        before each one are drafted but not yet verified when it is drafted (0 for the first draft of a
-        cycle, i for the (i+1)-th). Position i then sees deep K/V at positions <= i - r - 1, and its own
-        inputs at i - r .. i: the one at i - r (the cycle's pending token) carries fuse(deep[i - r - 1]),
-        the later ones (drafts) carry nothing, exactly as the engine drafts a chain.
+        A sub-model balcony attends causally over its own states, within the last layer's sliding window if it
+        has one, as in the engine. A draft balcony needs `deep` (the full model's final normed states [b, L,
+        hidden]) and `unverified` [b, L] (long): r, how many positions before each one are drafted but not yet
+        verified when it is drafted (0 for the first draft of a cycle, i for the (i+1)-th). Position i then
+        sees deep K/V at positions <= i - r - 1, and its own inputs at i - r .. i: the one at i - r (the cycle's
+        pending token) carries fuse(deep[i - r - 1]), the later ones (drafts) carry nothing, exactly as the
+        engine drafts a chain; under a window, only keys less than the window behind i.
         """
         from balspec.layers import context_layer, module_layer
 

@@ -37,13 +37,14 @@ def train_one_step(kind, tmp_path, *sets):
     def spy_load(*args, **kwargs):
         model, tokenizer = load_model(*args, **kwargs)
         seen["model"], seen["before"] = model, {k: v.clone() for k, v in model.state_dict().items()}
-        seen["initial"] = attach_exits(model, [1, 2], draft_exits=[e for e in (1,) if "exits.draft=[1]" in sets])
+        seen["initial"] = attach_exits(model, [1, 2], draft_exits=[1] if "exits.draft=[1]" in sets else [])
         return model, tokenizer
 
     def spy_save(exits, model, path, **kwargs):
         seen["exits"] = exits
         return save(exits, model, path, **kwargs)
 
+    # exits 1 and 2: exit 3's balcony, a copy of layer 4 on layer 3's states, is the full model (nothing to learn)
     config = tiny_config(tmp_path / "run", f"model.name={saved(kind, tmp_path)}", "exits.layers=[1,2]",
                          "train.max_steps=1", "train.eval_every=0", "optim.lr=3e-3", "optim.warmup_steps=0", *sets)
     with pytest.MonkeyPatch.context() as mp:
@@ -57,7 +58,7 @@ def assert_trained_and_exact(seen, kind, output):
     model = seen["model"]
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in seen["before"].items())  # the base: bit-identical
-    for e in (1, 2):  # (exit 3's copy of layer 4 on trunk layer 3's states is the full model: nothing to learn)
+    for e in (1, 2):
         moved = [not torch.equal(a, b) for a, b in zip(seen["exits"][e].parameters(), seen["initial"][e].parameters())]
         assert any(moved), (kind, e)
     exits, _ = load_exits(model, output)  # the checkpoint loads onto the model it was trained for
@@ -207,7 +208,8 @@ def test_draft_kind_gradients_equal_with_and_without_checkpointing():
     for checkpointing in (False, True):
         exits.zero_grad()
         distiller = Distiller(exits, chunk=7, checkpointing=checkpointing, draft_chain=3)
-        distiller(trunk, rope, final, model_parts(model).head, draws=torch.Generator().manual_seed(0)).loss.sum().backward()
+        draws = torch.Generator().manual_seed(0)
+        distiller(trunk, rope, final, model_parts(model).head, draws=draws).loss.sum().backward()
         grads.append({k: p.grad.clone() for k, p in exits.named_parameters()})
     assert grads[0]["balconies.1.fuse.weight"].abs().sum() > 0
     for k in grads[0]:
