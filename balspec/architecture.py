@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from balspec.errors import BalspecError
@@ -33,6 +34,40 @@ class Architecture:
     logits_divisor: float | None  # Granite: logits divided by this
     logit_softcap: float | None  # Gemma 2/3: logits -> cap * tanh(logits / cap)
     additive_masks: bool  # the attention adds its mask to the scores (eager) instead of taking a boolean one
+
+    @property
+    def balcony_kind(self) -> str:
+        """A balcony copies the last layer, and keeps its kind of attention (window, rotary base)."""
+        return self.layer_kinds[-1]
+
+    def rotary(self, rotary: nn.Module, x: torch.Tensor, positions: torch.Tensor, kind: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [b, q, rotary dim] for positions [b, q] as the model rotates layers of this kind (x: any
+        tensor of the model's dtype and device)."""
+        return rotary(x, positions, kind) if self.rotary_by_kind else rotary(x, positions)
+
+    def mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A boolean mask (True: may attend) as the model's attention takes it: boolean for sdpa, additive
+        (0 or the dtype's minimum) for eager."""
+        if not self.additive_masks:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
+                                                                                             torch.finfo(dtype).min)
+
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The LM head's product [..., vocab] -> the model's logits: Granite's divisor, Gemma's soft-cap."""
+        if self.logits_divisor is not None:
+            logits = logits / self.logits_divisor
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+
+def causal_mask(length: int, window: int | None, device) -> torch.Tensor:
+    """bool [length, length]: each position sees itself and the earlier ones, or only the `window` - 1 before
+    it under a sliding window."""
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return allowed if window is None else allowed.triu(1 - window)
 
 
 def architecture(model: nn.Module, rotary: nn.Module, num_layers: int) -> Architecture:

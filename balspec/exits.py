@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from balspec.architecture import Architecture, architecture, causal_mask
 from balspec.errors import BalspecError
 from balspec.files import apply_umask, partial_path, remove_stale_partials
 
@@ -31,6 +32,13 @@ DRAFT_VOCAB_KEY = "draft_vocab"  # int64 token ids in exits.safetensors: the red
 _FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "rope_theta",
                        "rope_parameters", "rms_norm_eps", "tie_word_embeddings", "hidden_act")
+# Fields that change the arithmetic of some architectures and are not seen in the weights. Hashed only where
+# set (not None), so a config without them (Llama) keeps the fingerprint it had before they were added.
+_ARITHMETIC_FIELDS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
+                      "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
+                      "rope_local_base_freq", "partial_rotary_factor", "hidden_activation", "embedding_multiplier",
+                      "residual_multiplier", "attention_multiplier", "logits_scaling", "logit_scale",
+                      "use_bidirectional_attention")
 
 
 @dataclass(frozen=True)
@@ -88,11 +96,13 @@ class Balcony(nn.Module):
     from the plain balcony). It has no standalone sub-model: early-exit and export refuse it.
     """
 
-    def __init__(self, layers: list[nn.Module], norm: nn.Module, kind: str = "sub-model"):
+    def __init__(self, layers: list[nn.Module], norm: nn.Module, arch: Architecture, kind: str = "sub-model"):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.kind = kind
+        self.arch = arch  # the base's: a balcony attends as its last layer (window, mask format)
+        self.window = arch.windows[arch.balcony_kind]
         if kind == "draft":
             hidden = norm.weight.shape[0]
             self.fuse = nn.Linear(hidden, hidden, bias=False)
@@ -101,23 +111,28 @@ class Balcony(nn.Module):
     def forward(self, hidden: torch.Tensor, position_embeddings, deep: torch.Tensor | None = None,
                 unverified: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states of trunk layer e over a whole block [b, L, hidden] -> normed balcony output [b, L,
-        hidden], ready for the LM head. Training's path (no cache); the engine runs the layers itself.
+        hidden], ready for the LM head. Training's path (no cache, the layers' own modules); the engine runs the
+        layers itself. position_embeddings: cos, sin [b, L, rotary dim] of the base's last layer's kind of
+        attention (Architecture.rotary with Architecture.balcony_kind).
 
-        A sub-model balcony attends causally over its own states. A draft balcony needs `deep` (the full
-        model's final normed states [b, L, hidden]) and `unverified` [b, L] (long): r, how many positions
-        before each one are drafted but not yet verified when it is drafted (0 for the first draft of a
-        cycle, i for the (i+1)-th). Position i then sees deep K/V at positions <= i - r - 1, and its own
-        inputs at i - r .. i: the one at i - r (the cycle's pending token) carries fuse(deep[i - r - 1]),
-        the later ones (drafts) carry nothing, exactly as the engine drafts a chain.
+        A sub-model balcony attends causally over its own states, within the last layer's sliding window if it
+        has one, as in the engine. A draft balcony needs `deep` (the full model's final normed states [b, L,
+        hidden]) and `unverified` [b, L] (long): r, how many positions before each one are drafted but not yet
+        verified when it is drafted (0 for the first draft of a cycle, i for the (i+1)-th). Position i then
+        sees deep K/V at positions <= i - r - 1, and its own inputs at i - r .. i: the one at i - r (the cycle's
+        pending token) carries fuse(deep[i - r - 1]), the later ones (drafts) carry nothing, exactly as the
+        engine drafts a chain; under a window, only keys less than the window behind i.
         """
-        if self.kind == "sub-model":
-            for layer in self.layers:
-                out = layer(hidden, position_embeddings=position_embeddings)
-                hidden = out[0] if isinstance(out, tuple) else out
-            return self.norm(hidden)
-        from balspec.layers import context_layer
+        from balspec.layers import context_layer, module_layer
 
         length = hidden.shape[1]
+        if self.kind == "sub-model":
+            mask = None  # sdpa without a window: its own causal kernel
+            if self.window is not None or self.arch.additive_masks:
+                mask = self.arch.mask(causal_mask(length, self.window, hidden.device)[None, None], hidden.dtype)
+            for layer in self.layers:
+                hidden = module_layer(layer, hidden, position_embeddings, mask, None)
+            return self.norm(hidden)
         previous = F.pad(deep[:, :-1], (0, 0, 1, 0))  # deep state of position i - 1, zero at i = 0
         pending = hidden + self.fuse(previous)  # a cycle's first drafted row: [b, L, hidden]
         position = torch.arange(length, device=hidden.device)
@@ -125,16 +140,21 @@ class Balcony(nn.Module):
         first_own = (position - r)[..., None]  # [b, L, 1]: the cycle's pending token
         key = position.view(1, 1, -1)
         mask = torch.cat([key < first_own, key == first_own, (key > first_own) & (key <= position[:, None])], -1)
+        if self.window is not None:  # keys at the same positions in each of the three blocks
+            mask &= (key > position[:, None] - self.window).repeat(1, 1, 3)
         query = torch.where((r == 0)[..., None], pending, hidden)
-        out = context_layer(self.layers[0], query, [deep, pending, hidden], position_embeddings, mask[:, None])
+        out = context_layer(self.layers[0], query, [deep, pending, hidden], position_embeddings,
+                            self.arch.mask(mask[:, None], hidden.dtype))
         return self.norm(out)
 
 
 class Exits(nn.Module):
     """All balconies of one base model. Holds no base weights: its state dict is the checkpoint."""
 
-    def __init__(self, balconies: dict[int, Balcony], num_base_layers: int, norm_init: str, layer_init: str):
+    def __init__(self, balconies: dict[int, Balcony], num_base_layers: int, norm_init: str, layer_init: str,
+                 arch: Architecture):
         super().__init__()
+        self.arch = arch  # the base model's formulas around its layers: the loss's logits are the model's
         self.exits = sorted(balconies)
         self.balconies = nn.ModuleDict({str(e): balconies[e] for e in self.exits})
         self.num_base_layers = num_base_layers
@@ -179,6 +199,7 @@ def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", l
     """Build balconies for `exits` on a frozen `model`, initialised from its own weights; those in
     `draft_exits` are of the draft kind (verified-context, one layer)."""
     parts = model_parts(model)
+    arch = architecture(model, parts.rotary, parts.num_layers)  # refuses what balspec cannot run, in one line
     exits = validate_exits(list(exits), parts.num_layers)
     if norm_init not in NORM_INITS:
         raise BalspecError(f"exits.norm_init: {norm_init!r} is not one of {', '.join(NORM_INITS)}")
@@ -202,8 +223,8 @@ def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", l
             for layer in layers:
                 _reinit(layer, model.config, generator)
         source_norm = parts.norm if norm_init == "final" else parts.layers[e].input_layernorm
-        balconies[e] = Balcony(layers, copy.deepcopy(source_norm), "draft" if e in draft_exits else "sub-model")
-    out = Exits(balconies, parts.num_layers, norm_init, layer_init)
+        balconies[e] = Balcony(layers, copy.deepcopy(source_norm), arch, "draft" if e in draft_exits else "sub-model")
+    out = Exits(balconies, parts.num_layers, norm_init, layer_init, arch)
     for e in exits:  # a deep copy keeps the last trunk layer's cache slot: give each balcony its own
         for layer, slot in zip(out[e].layers, out.cache_slots(e)):
             layer.self_attn.layer_idx = slot
@@ -224,7 +245,9 @@ def _reinit(layer: nn.Module, config, generator: torch.Generator) -> None:
 
 
 def config_fingerprint(config) -> str:
+    """A hash of the config fields that decide a balcony's arithmetic: shapes, norms, rotary, windows, caps."""
     fields = {k: getattr(config, k, None) for k in _FINGERPRINT_FIELDS}
+    fields.update({k: getattr(config, k) for k in _ARITHMETIC_FIELDS if getattr(config, k, None) is not None})
     return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -16,8 +16,8 @@ of a grouped-query layer whenever a mask is passed (every multi-row verify). Pro
 engine's `linear`, the matrix-product form it measured fastest for few rows (skinny.py).
 
 Lean forward measured by evals/layer_forward.py (default model, fp32, one row, 2-core CPU, interleaved): see
-evals/results/layer_forward_cpu.json. Training does not come here: it runs the layers as transformers
-ships them (autograd, causal SDPA).
+evals/results/layer_forward_cpu.json. Training does not come here: it runs the layers' own modules
+(`module_layer`, `context_layer`) with autograd.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ _LEAN_NEEDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 def module_layer(layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                  mask: torch.Tensor | None, cache) -> torch.Tensor:
-    """The generic path: hidden [1, q, hidden] -> [1, q, hidden] through the layer's own module, which appends
-    its K/V to `cache` (slot = its layer_idx). mask: [1, 1, q, cached + q], boolean for sdpa attention,
-    additive for eager; None only for rows that may see everything cached (one new token, no window)."""
+    """The generic path: hidden [b, q, hidden] -> [b, q, hidden] through the layer's own module, which appends
+    its K/V to `cache` (slot = its layer_idx; None in training). mask: [b, 1, q, cached + q], boolean for sdpa
+    attention, additive for eager; None only where the rows may see everything cached (one new token, no
+    window) or, under sdpa without a cache, for a block attending causally over itself."""
     out = layer(hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache)
     return out[0] if isinstance(out, tuple) else out
 
@@ -103,16 +104,43 @@ def key_value(layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, 
 
 def context_layer(layer: nn.Module, hidden: torch.Tensor, context: list[torch.Tensor],
                   rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """The layer on `hidden` [b, q, hidden] whose attention reads keys and values made of other hidden
-    states: `context`, a list of [b, q, hidden] at the same positions, concatenated along the key axis.
-    mask: bool [b, 1, q, len(context) * q]. Training's path for verified-context balconies (autograd, no
-    cache): each position sees the full model's states of the positions it treats as verified and the
-    balcony's own inputs of the rest."""
-    kv = [key_value(layer, c, rope) for c in context]
-    key, value = torch.cat([k for k, _ in kv], 2), torch.cat([v for _, v in kv], 2)  # [b, kv_heads, n * q, head_dim]
-    attn = layer.self_attn
-    return _attend_and_mlp(layer, hidden, _query(attn, rms_norm(layer.input_layernorm, hidden), rope, F.linear),
-                           key, value, mask, F.linear)
+    """The layer's own module on `hidden` [b, q, hidden], its attention reading keys and values made of other
+    hidden states: `context`, a list of [b, q, hidden] at the same positions, concatenated along the key axis.
+    mask: [b, 1, q, len(context) * q], boolean (sdpa) or additive (eager). Training's path for verified-context
+    balconies (autograd, no cache), any architecture: each position sees the full model's states of the
+    positions it treats as verified and the balcony's own inputs of the rest."""
+    recorder = _Recorder()
+    for states in context:  # a module makes K/V only inside its forward: start one, stop it once they are made
+        try:
+            module_layer(layer, states, rope, None, recorder)
+        except _Recorded:
+            pass
+    recorder.replay = True
+    return module_layer(layer, hidden, rope, mask, recorder)
+
+
+class _Recorded(Exception):
+    """A pass of `context_layer` has made its K/V: the rest of it (attention, MLP) is not needed."""
+
+
+class _Recorder:
+    """Stands in for the cache in `context_layer`: keeps the K/V each pass makes, then gives the last pass all
+    of them, in order, instead of its own."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.replay = False
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
+        if self.replay:
+            return torch.cat(self.keys, 2), torch.cat(self.values, 2)  # [b, kv_heads, n * q, head_dim]
+        self.keys.append(key)
+        self.values.append(value)
+        raise _Recorded
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
 
 
 def _rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from balspec.architecture import Architecture
 from balspec.exits import Exits
 
 
@@ -69,7 +70,8 @@ class Workspace:
 
 def distill_losses(hidden: list[torch.Tensor], teacher_hidden: torch.Tensor, head: nn.Linear,
                    labels: torch.Tensor | None = None, ce_weight: float = 0.0, chunk: int = 1024,
-                   workspace: Workspace | None = None, vocab: torch.Tensor | None = None) -> ExitLosses:
+                   workspace: Workspace | None = None, vocab: torch.Tensor | None = None,
+                   arch: Architecture | None = None) -> ExitLosses:
     """Losses of the exits whose normed balcony outputs are `hidden` (each [positions, hidden_size]).
 
     teacher_hidden: the full model's final normed hidden states [positions, hidden_size]; labels:
@@ -83,6 +85,9 @@ def distill_losses(hidden: list[torch.Tensor], teacher_hidden: torch.Tensor, hea
     next token is rarely in V can hardly be drafted). Its gradient w.r.t. z_V is p(V) q - p_V. Agreement
     counts positions where the exit's choice within V is the teacher's token over the whole vocabulary. The
     teacher's softmax still spans the whole vocabulary; each exit's head products shrink to |V| rows. No CE.
+
+    arch: the base model's logit divisor (Granite) and soft-cap (Gemma) apply to the head's products,
+    teacher's and exits' alike, so that p and q are the model's own distributions.
     """
     if ce_weight > 0 and labels is None:
         raise ValueError("ce_weight > 0 needs labels")
@@ -93,8 +98,9 @@ def distill_losses(hidden: list[torch.Tensor], teacher_hidden: torch.Tensor, hea
     if n == 0:  # a batch without a counted position: zero loss, still a graph for backward (and DDP) to walk
         zero = torch.stack([h.sum() * 0 for h in hidden]).float()
         return ExitLosses(zero, zero.detach(), zero.detach(), zero.detach(), 0)
+    divisor, softcap = (arch.logits_divisor, arch.logit_softcap) if arch is not None else (None, None)
     loss, metrics = _FusedHeadKL.apply(teacher_hidden, labels, head.weight, head.bias, ce_weight, chunk,
-                                       want_grad, workspace or Workspace(), vocab, *hidden)
+                                       want_grad, workspace or Workspace(), vocab, divisor, softcap, *hidden)
     return ExitLosses(loss, metrics[0], metrics[1], metrics[2], n)
 
 
@@ -104,11 +110,13 @@ class _FusedHeadKL(torch.autograd.Function):
     With z the exit logits, t the teacher's, p = softmax(t), q = softmax(z), per position:
       KL(p || q) = sum_v p_v log p_v - sum_v p_v z_v + lse(z)      d KL / dz = q - p
       CE = lse(z) - z_label                                       d CE / dz = q - onehot(label)
-    and lse(z) = max(z) - log(q_argmax), so no pass over the vocabulary is spent on it.
+    and lse(z) = max(z) - log(q_argmax), so no pass over the vocabulary is spent on it. With a divisor d and a
+    soft-cap c the logits are z = c tanh(x / (d c)) of the head's product x, and dz/dx = (1 - (z/c)^2) / d.
     """
 
     @staticmethod
-    def forward(ctx, teacher_hidden, labels, weight, bias, ce_weight, chunk, want_grad, workspace, vocab, *hidden):
+    def forward(ctx, teacher_hidden, labels, weight, bias, ce_weight, chunk, want_grad, workspace, vocab, divisor,
+                softcap, *hidden):
         n, device = teacher_hidden.shape[0], teacher_hidden.device
         n_valid = max(int((labels >= 0).sum()), 1) if labels is not None else 1
         sums = torch.zeros(3, len(hidden), dtype=torch.float64, device=device)  # kl, ce, agree
@@ -125,7 +133,7 @@ class _FusedHeadKL(torch.autograd.Function):
             rows = slice(start, min(start + chunk, n))
             size = rows.stop - rows.start
             lab = labels[rows] if labels is not None else None
-            t = _logits_into(logits[:size], teacher_hidden[rows], weight, bias)
+            t = _finish(_logits_into(logits[:size], teacher_hidden[rows], weight, bias), divisor, softcap)
             max_t, top_t = t.max(dim=-1)  # [chunk]
             p_t = torch.softmax(t, dim=-1, out=p[:size])
             lse_t = _logsumexp(max_t, p_t, top_t)
@@ -137,7 +145,7 @@ class _FusedHeadKL(torch.autograd.Function):
                 mass = p_t.sum(dim=-1)  # [chunk]: p(V)
                 p_logp = _rowdot(p_t, t.index_select(1, vocab)) - mass * lse_t - mass * mass.clamp(min=1e-30).log()
             for i, h in enumerate(hidden):
-                z = _logits_into(z_buf[:size], h[rows], weight_s, bias_s)
+                z = _finish(_logits_into(z_buf[:size], h[rows], weight_s, bias_s), divisor, softcap)
                 max_z, top_z = z.max(dim=-1)
                 p_z = _rowdot(p_t, z)
                 q_z = torch.softmax(z, dim=-1, out=q[:size])  # z stays: its buffer is not q's
@@ -151,6 +159,10 @@ class _FusedHeadKL(torch.autograd.Function):
                     if mass is not None:
                         q_z.mul_(mass.unsqueeze(-1))  # d/dz = p(V) q - p_V
                     scale = _logit_gradient(q_z, p_t, n, ce_weight, n_valid, lab)
+                    if softcap is not None:  # z is no longer needed: its buffer takes dz/dx
+                        q_z.mul_(z.div_(softcap).square_().neg_().add_(1))
+                    if divisor is not None:
+                        scale = scale / divisor
                     grads[i][rows] = (_matmul(q_z, weight_s) * scale).to(h.dtype)  # [chunk, hidden]
         kl, ce, agree = sums[0] / n, sums[1] / n_valid, sums[2] / n
         ctx.grads = grads
@@ -162,7 +174,7 @@ class _FusedHeadKL(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_metrics):
         grads = [g * grad_loss[i].to(g.dtype) for i, g in enumerate(ctx.grads)]
         ctx.grads = None
-        return (None,) * 9 + tuple(grads)
+        return (None,) * 11 + tuple(grads)
 
 
 def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -171,6 +183,15 @@ def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias)
         torch.mm(h.float(), weight.t(), out=out)
         return out if bias is None else out.add_(bias)
     return out.copy_(F.linear(h.to(weight.dtype), weight, bias))
+
+
+def _finish(logits: torch.Tensor, divisor: float | None, softcap: float | None) -> torch.Tensor:
+    """Architecture.finish_logits in place on a [rows, vocab] buffer."""
+    if divisor is not None:
+        logits.div_(divisor)
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
 
 
 def _matmul(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -225,7 +246,8 @@ class Distiller(nn.Module):
     def forward(self, trunk: list[torch.Tensor], position_embeddings, teacher_hidden: torch.Tensor, head: nn.Linear,
                 labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 first_drafts: bool = False, draws: torch.Generator | None = None) -> ExitLosses:
-        """trunk: hidden states [batch, seq, hidden] at each exit; teacher_hidden: the final normed ones;
+        """trunk: hidden states [batch, seq, hidden] at each exit; position_embeddings: cos, sin [batch, seq,
+        rotary dim] of the base's last layer's kind (Balcony.forward); teacher_hidden: the final normed ones;
         loss_mask [batch, seq] bool: the positions the loss counts (None: all). The balconies run on every
         position (each needs its context); the head and the KL only on the counted ones.
 
@@ -248,7 +270,6 @@ class Distiller(nn.Module):
             if self.checkpointing and torch.is_grad_enabled():
                 out = checkpoint(balcony, h, position_embeddings, *extra, use_reentrant=False)
             else:
-                # sub-model: attention_mask None, causal SDPA over the whole block (no cache in training)
                 out = balcony(h, position_embeddings, *extra)
             normed.append(out.flatten(0, 1))  # [batch * seq, hidden]
         flat_labels = labels.flatten() if labels is not None and self.ce_weight > 0 else None
@@ -259,4 +280,4 @@ class Distiller(nn.Module):
             teacher = teacher.index_select(0, rows)
             flat_labels = flat_labels.index_select(0, rows) if flat_labels is not None else None
         return distill_losses(normed, teacher, head, flat_labels, self.ce_weight, self.chunk, self.workspace,
-                              self.draft_vocab)
+                              self.draft_vocab, self.exits.arch)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from balspec import skinny
-from balspec.architecture import architecture
+from balspec.architecture import architecture, causal_mask
 from balspec.cache import KVCache
 from balspec.errors import BalspecError
 from balspec.exits import Exits, model_parts
@@ -126,9 +126,7 @@ class Engine:
                 layer.self_attn.layer_idx = 0
                 hidden = torch.randn(1, rows, config.hidden_size, generator=generator).to(self.device) * 4
                 kind_rope = tuple(t.float() for t in rope[self._kinds[i]])
-                allowed = torch.ones(rows, rows, dtype=torch.bool, device=self.device).tril()
-                if self.arch.windows[self._kinds[i]] is not None:
-                    allowed = allowed.triu(1 - self.arch.windows[self._kinds[i]])
+                allowed = causal_mask(rows, self.arch.windows[self._kinds[i]], self.device)
                 own = module_layer(layer, hidden, kind_rope, self._mask_format(allowed[None, None], torch.float32),
                                    fresh_cache())
                 try:
@@ -172,18 +170,14 @@ class Engine:
         """Attention kind -> cos, sin [1, length, rotary dim] at positions 0..length-1."""
         positions = torch.arange(length, device=self.device)[None]  # [1, length]
         probe = torch.zeros(1, 1, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
-        if self.arch.rotary_by_kind:  # Gemma 3: local and global layers rotate with their own bases
-            return {kind: self.parts.rotary(probe, positions, kind) for kind in self.arch.windows}
-        shared = self.parts.rotary(probe, positions)
-        return {kind: shared for kind in self.arch.windows}
+        # Gemma 3: local and global layers rotate with their own bases
+        return {kind: self.arch.rotary(self.parts.rotary, probe, positions, kind) for kind in self.arch.windows}
 
     def _mask_format(self, allowed: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """A boolean mask as the layers take it: boolean for the lean forward and sdpa, additive for eager."""
         if allowed is None or self.lean or not self.arch.additive_masks:
             return allowed
-        dtype = dtype or self.dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
-                                                                                             torch.finfo(dtype).min)
+        return self.arch.mask(allowed, dtype or self.dtype)
 
     def rows(self, start: int, length: int, tree: DraftTree | None = None, first: int = 0) -> Rows:
         """Rotary tables and masks, per attention kind, for `length` new rows after `start` cached positions.
@@ -289,11 +283,7 @@ class Engine:
             logits = self.linear(normed.float(), *self.head32)
         else:
             logits = self.parts.head(normed) if weight is None else self.linear(normed, weight)
-        if self.arch.logits_divisor is not None:  # Granite
-            logits = logits / self.arch.logits_divisor
-        if self.arch.logit_softcap is not None:  # Gemma 2/3
-            logits = torch.tanh(logits / self.arch.logit_softcap) * self.arch.logit_softcap
-        return logits
+        return self.arch.finish_logits(logits)  # Granite's divisor, Gemma's soft-cap
 
     def is_draft_kind(self, exit_layer: int) -> bool:
         return self.exits[exit_layer].kind == "draft"

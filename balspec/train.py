@@ -355,8 +355,9 @@ def distill_batch(model, parts, distiller, blocks: Batch, accelerator, c: Traini
     position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, -1)  # [batch, seq]
     with accelerator.autocast():
         teacher_hidden, trunk = teacher_forward(model, input_ids, sorted(c.exits.layers))
-        with torch.no_grad():
-            position_embeddings = parts.rotary(trunk[0], position_ids)
+        arch = accelerator.unwrap_model(distiller).exits.arch
+        with torch.no_grad():  # a balcony rotates as the base's last layer (Gemma 3: its kind's own base)
+            position_embeddings = arch.rotary(parts.rotary, trunk[0], position_ids, arch.balcony_kind)
         labels = next_token_labels(input_ids) if c.loss.ce_weight > 0 else None
         return distiller(trunk, position_embeddings, teacher_hidden, parts.head, labels, blocks.loss_mask,
                          first_drafts, draws)
