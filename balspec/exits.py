@@ -218,7 +218,7 @@ def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", l
         raise BalspecError(f"exits.norm_init: {norm_init!r} is not one of {', '.join(NORM_INITS)}")
     if layer_init not in LAYER_INITS:
         raise BalspecError(f"exits.layer_init: {layer_init!r} is not one of {', '.join(LAYER_INITS)}")
-    if balcony_layers < 1:
+    if balcony_layers < 1 and module != "shared-head":
         raise BalspecError("exits.balcony_layers: must be at least 1")
     if draft_exits and balcony_layers != 1:
         raise BalspecError("exits.balcony_layers: a draft-kind exit has exactly one balcony layer")
