@@ -360,6 +360,7 @@ def _is_whole(value) -> bool:
 # A field's type: (test, what it must be). An object: {key: (type, required)}, "*" for every key. A list: [type].
 _WHOLE = (_is_whole, "a whole number")
 _COUNT = (lambda v: _is_whole(v) and v >= 1, "a whole number >= 1")
+_BALCONY_LAYERS = (lambda v: _is_whole(v) and v >= 0, "a whole number >= 1 (0 with module shared-head)")
 _TEXT = (lambda v: isinstance(v, str), "a string")
 _TEXT_OR_NULL = (lambda v: v is None or isinstance(v, str), "a string or null")
 _NUMBER_OR_NULL = (lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool), "a number or null")
@@ -382,7 +383,7 @@ def _meta_schema() -> dict:
             "exits": ([_WHOLE], True),
             "norm_init": (_one_of(NORM_INITS), False),
             "layer_init": (_one_of(LAYER_INITS), False),
-            "balcony_layers": (_WHOLE, False),
+            "balcony_layers": (_BALCONY_LAYERS, False),
             "module": (_one_of(MODULES), False),
             "train_base": ((lambda v: isinstance(v, bool), "true or false"), False),
             "kinds": ({"*": (_one_of(KINDS), False)}, False),

@@ -210,3 +210,22 @@ def test_module_is_checked_by_the_schema(tmp_path):
 def test_bad_settings_are_one_line(sets, message, tmp_path):
     with pytest.raises(BalspecError, match=message):
         configure(TINY_RECIPE, [f"data.train={TINY_TEXT}", *sets], {"train.output": str(tmp_path / "x")}, False)
+
+
+def test_shared_head_exit_exports_as_the_first_layers_and_half_layers_are_refused(soft, tmp_path):
+    from balspec.export import build_submodel
+    from balspec.info import describe_checkpoint
+
+    model = load_model(str(soft))[0]
+    exits, _ = load_exits(model, soft)
+    ids = torch.randint(3, 259, (1, 10), generator=torch.Generator().manual_seed(2))
+    parts = model_parts(model)
+    with torch.no_grad():
+        sub = build_submodel(model, exits, 2)
+        assert sub.config.num_hidden_layers == 2  # trunk layers 1..2, the final norm, the shared head
+        expected = parts.head(parts.norm(layer_outputs(model, ids)[2]))
+        assert torch.allclose(sub(ids).logits, expected, atol=1e-5)
+    info = describe_checkpoint(soft)
+    assert info["module"] == "shared-head" and info["train_base"] is True and info["parameters_total"] == 0
+    with pytest.raises(BalspecError, match="an mlp-only balcony is not a decoder layer"):
+        build_submodel(model, attach_exits(model, [2], module="mlp"), 2)
