@@ -207,7 +207,8 @@ def main(argv=None) -> Path:
     print_table(rows, f"Balcony vs SoFT and ablations: {config.model.name}, {args.steps or config.train.max_steps} "
                       f"steps per row")
     meta = {"command": command, "device": device_name(original.device), "model": config.model.name,
-            "recipe": args.recipe, "steps": args.steps or config.train.max_steps, "data": args.data or config.data.train,
+            "recipe": args.recipe, "steps": args.steps or config.train.max_steps,
+            "data": args.data or config.data.train,
             "answers": answers_source, "answer_positions": args.positions, "text": args.text,
             "seq_len": seq_len, "max_tokens": args.max_tokens, "prompts": len(prompts.prompts),
             "max_new_tokens": args.max_new_tokens, "draft_len": args.draft_len, "train_commands": commands}
