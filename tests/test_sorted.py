@@ -206,6 +206,7 @@ def test_module_is_checked_by_the_schema(tmp_path):
     (["method=sorted", "exits.module=mlp"], "exits.module: must be layer with method sorted"),
     (["loss.sorted_target=mse"], "loss.sorted_target: must be one of ce, kl"),
     (["exits.module=mlp", "exits.draft=[2]"], "exits.draft: must be empty unless exits.module is layer"),
+    (["exits.train_base=true", "exits.draft=[2]"], "exits.draft: must be empty with exits.train_base"),
 ])
 def test_bad_settings_are_one_line(sets, message, tmp_path):
     with pytest.raises(BalspecError, match=message):
