@@ -20,6 +20,7 @@ from torch import nn
 
 from balspec.errors import BalspecError
 from balspec.files import apply_umask, partial_path, remove_stale_partials
+from balspec.layers import has_lean_form
 
 FORMAT_VERSION = 1
 NORM_INITS = ("final", "next-input")  # copy of the final norm, or of the input norm of trunk layer e + 1
@@ -82,7 +83,7 @@ class HalfLayer(nn.Module):
     def __init__(self, layer: nn.Module, half: str):
         super().__init__()
         needed = ("input_layernorm", "self_attn") if half == "attention" else ("post_attention_layernorm", "mlp")
-        if not all(hasattr(layer, n) for n in (*needed, "post_attention_layernorm")):
+        if not has_lean_form(layer):  # a pre-norm Llama-family layer: x + attn(norm(x)), then x + mlp(norm(x))
             raise BalspecError(f"exits.module: an {half}-only balcony takes the {' and '.join(needed)} of a "
                                f"pre-norm decoder layer, and {type(layer).__name__} has another form; use layer")
         self.half = half

@@ -230,3 +230,12 @@ def test_shared_head_exit_exports_as_the_first_layers_and_half_layers_are_refuse
     assert info["module"] == "shared-head" and info["train_base"] is True and info["parameters_total"] == 0
     with pytest.raises(BalspecError, match="an mlp-only balcony is not a decoder layer"):
         build_submodel(model, attach_exits(model, [2], module="mlp"), 2)
+
+
+def test_half_layer_balconies_need_a_pre_norm_layer():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    with pytest.raises(BalspecError, match="Gemma2DecoderLayer has another form; use layer"):
+        attach_exits(model, [2], module="mlp")  # its norms sit around the MLP, not only before it
