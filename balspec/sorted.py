@@ -7,9 +7,11 @@ Its loss is the sum over the exits and the last layer of each sub-model's next-t
 exits.train_base the balconies train with the base; every exit's term and the full model's own are KL to the
 original (+ ce_weight x CE), so the full model is held near what it was while the trunk serves the exits.
 
-The original full model, where a loss needs it, is a frozen copy taken before training. The head and the loss
-run on chunks of positions under activation checkpointing (a chunk's [chunk, vocab] logits are made again in
-the backward pass), so memory holds one chunk of logits per exit, and the gradient reaches the head too.
+The original full model, where a loss needs it, is a frozen copy taken before training (else the metrics compare
+with the current full model). The head and the loss run on chunks of positions under activation checkpointing:
+a sub-model's [chunk, vocab] logits are made again in the backward pass instead of being kept, so memory holds
+the reference's log-probabilities ([positions, vocab] fp32 per batch) and a chunk of logits at a time, and the
+gradient reaches the head too.
 
 Output: the run directory (and each checkpoint) is also a Hugging Face model directory (config.json,
 model.safetensors, tokenizer) holding the trained base, its exits beside it (balspec.json: train_base true);
@@ -81,32 +83,35 @@ class BaseDistiller(nn.Module):
             rows = loss_mask.flatten().nonzero().squeeze(1)  # [counted]
             flat, reference, labels = [h[rows] for h in flat], reference[rows], labels[rows]
         n, n_valid = max(len(labels), 1), max(int((labels >= 0).sum()), 1)
-        sums = torch.stack([head_sums(h, reference, labels, parts.head, reference_head, self.chunk)
-                            for h in flat])  # [exits + 1, 3]: KL, CE, agreement summed over positions
+        sums = head_sums(flat, reference, labels, parts.head, reference_head, self.chunk)  # [exits + 1, 3]
         kl, ce, agree = sums[:, 0] / n, sums[:, 1] / n_valid, sums[:, 2].detach() / n
         loss = ce if self.ce_only else kl + self.ce_weight * ce
         return ExitLosses(loss[:-1], kl[:-1].detach(), ce[:-1].detach(), agree[:-1], len(labels), loss[-1])
 
 
-def head_sums(hidden: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, head: nn.Linear,
+def head_sums(hidden: list[torch.Tensor], reference: torch.Tensor, labels: torch.Tensor, head: nn.Linear,
               reference_head: nn.Linear, chunk: int) -> torch.Tensor:
-    """[3]: sums over positions of KL(p || q) (nats), next-token CE of q (labels -100 count nothing) and top-1
-    agreement, with q = softmax(head(hidden)), p = softmax(reference_head(reference)); hidden, reference
-    [positions, hidden_size], labels [positions]. Differentiable in `hidden` and the head (KL and CE)."""
+    """[len(hidden), 3]: per sub-model, sums over positions of KL(p || q) (nats), next-token CE of q (labels -100
+    count nothing) and top-1 agreement, with q = softmax(head(h)) for each h in `hidden`, p =
+    softmax(reference_head(reference)); each h and reference [positions, hidden_size], labels [positions].
+    Differentiable in `hidden` and the head (KL and CE). p is made once per chunk for every sub-model."""
     ref_weight, ref_bias = reference_head.weight.detach(), getattr(reference_head, "bias", None)
-    total = hidden.new_zeros(3, dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        args = (hidden[start:start + chunk], reference[start:start + chunk], labels[start:start + chunk],
-                head.weight, head.bias, ref_weight, ref_bias)
-        total = total + (checkpoint(_chunk_sums, *args, use_reentrant=False) if torch.is_grad_enabled()
-                         else _chunk_sums(*args))
+    total = hidden[0].new_zeros(len(hidden), 3, dtype=torch.float32)
+    for start in range(0, reference.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        with torch.no_grad():
+            log_p = F.linear(reference[rows].to(ref_weight.dtype), ref_weight, ref_bias).float().log_softmax(-1)
+        args = [(h[rows], log_p, labels[rows], head.weight, head.bias) for h in hidden]
+        if torch.is_grad_enabled():  # the [chunk, vocab] logits are made again in the backward pass, not kept
+            sums = [checkpoint(_chunk_sums, *a, use_reentrant=False) for a in args]
+        else:
+            sums = [_chunk_sums(*a) for a in args]
+        total = total + torch.stack(sums)
     return total
 
 
-def _chunk_sums(hidden, reference, labels, weight, bias, ref_weight, ref_bias) -> torch.Tensor:
+def _chunk_sums(hidden, log_p, labels, weight, bias) -> torch.Tensor:
     log_q = F.linear(hidden, weight, bias).float().log_softmax(-1)  # [chunk, vocab]
-    with torch.no_grad():
-        log_p = F.linear(reference.to(ref_weight.dtype), ref_weight, ref_bias).float().log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum()
     ce = F.nll_loss(log_q, labels, ignore_index=-100, reduction="sum")
     agree = (log_q.argmax(-1) == log_p.argmax(-1)).sum().float()
