@@ -280,6 +280,8 @@ def bench(
 @app.command()
 def train(
     recipe: str | None = typer.Option(None, "--recipe", help="YAML recipe (see recipes/); --set and flags override it."),
+    method: str | None = typer.Option(None, "--method", help="balcony (train balconies on the frozen base) or "
+                                      "sorted (Sorted Fine-Tuning: the whole model, shared-head exits) (method)."),
     model: str | None = typer.Option(None, "--model", help="Base model: hub id, local directory, default or "
                                      "tiny-random (model.name)."),
     exits: str | None = typer.Option(None, "--exits", help="Exit layers, e.g. 8,12,16 (exits.layers)."),
@@ -295,7 +297,10 @@ def train(
     """Train balcony exits by self-distillation to the frozen full model.
 
     Only the balconies train (AdamW, cosine schedule); the loss is
-    KL(full || exit) at every position, summed over exits. Runs in one
+    KL(full || exit) at every position, summed over exits. With
+    --method sorted (SoFT) the whole model trains instead, its exits
+    sharing the final norm and head; OUTPUT is then also a model
+    directory (--model OUTPUT loads it with its exits). Runs in one
     process by default, and under `accelerate launch` with DDP, FSDP or
     DeepSpeed from your accelerate config. Progress goes to stderr, metrics
     to OUTPUT/metrics.jsonl, resumable checkpoints to OUTPUT/checkpoints/,
@@ -312,13 +317,15 @@ def train(
 
         balspec train --output runs/tiny --resume
 
+        balspec train --recipe recipes/tiny.yaml --method sorted --output runs/tiny-soft
+
         accelerate launch -m balspec.cli train --recipe recipes/llama3-8b.yaml
     """
     from balspec.exits import parse_exits
     from balspec.train import configure
     from balspec.train import train as run_training
 
-    flags = {"model.name": model, "exits.layers": parse_exits(exits) if exits is not None else None,
+    flags = {"method": method, "model.name": model, "exits.layers": parse_exits(exits) if exits is not None else None,
              "data.train": data, "train.max_steps": max_steps, "train.output": output}
     config, checkpoint = configure(recipe, overrides, flags, resume)
     print(run_training(config, checkpoint))

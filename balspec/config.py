@@ -50,6 +50,13 @@ class ExitsConfig:
     draft_chain: int = 3
     """Draft-kind exits: training simulates chains of up to this many drafts (each position is trained as if
     0..draft_chain-1 drafted positions before it were not yet verified, uniformly)."""
+    module: str = "layer"
+    """What a balcony layer is (paper appendix B): a copy of the last decoder "layer", of its "mlp" half only (post-
+    attention norm + MLP, with the residual) or of its "attention" half only (input norm + attention)."""
+    train_base: bool = False
+    """Train the base model with the balconies (the paper's unfrozen ablation). The loss adds the full model's own
+    KL to the original (a frozen copy), and every exit's KL is to that original; the run directory then also
+    holds the trained model (a Hugging Face directory: --model OUTPUT finds the exits beside it)."""
     init_from: str | None = None
     """An exits checkpoint whose balconies start this run instead of the init above (continue training on new
     data); it must hold every exit of `layers`, with the same balcony_layers, for the same base model."""
@@ -108,6 +115,9 @@ class OptimConfig:
 class LossConfig:
     ce_weight: float = 0.0
     """Weight of next-token cross-entropy added to each exit's KL (paper: 0, it does not help)."""
+    sorted_target: str = "ce"
+    """Method sorted: each sub-model's loss is next-token cross-entropy on the data ("ce", SoFT) or KL to the
+    original full model, a frozen copy ("kl", plus ce_weight x CE)."""
     chunk_size: int = 1024
     """Positions per chunk of the fused LM-head + KL: bounds memory at chunk x vocab floats per exit."""
     draft_vocab: str | None = None
@@ -142,6 +152,10 @@ class TrainConfig:
 
 @dataclass
 class TrainingConfig:
+    method: str = "balcony"
+    """"balcony": train balconies on the frozen base (the paper). "sorted": Sorted Fine-Tuning (SoFT, Kavehzadeh
+    et al. 2024): no balconies, the whole base trains so that trunk layers 1..e + the final norm + the shared head
+    is a sub-model for each exit e; the loss sums the exits' and the full model's (loss.sorted_target)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     exits: ExitsConfig = field(default_factory=ExitsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -150,7 +164,9 @@ class TrainingConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-SECTIONS = tuple(f.name for f in dataclasses.fields(TrainingConfig))
+SECTIONS = tuple(f.name for f in dataclasses.fields(TrainingConfig) if f.name != "method")
+METHODS = ("balcony", "sorted")
+SORTED_TARGETS = ("ce", "kl")
 # Settings that may differ between a run and its --resume: they change no computed number.
 RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
                      "train.output"}  # a run directory may be moved or copied
@@ -261,10 +277,18 @@ def check_type(value, kind, key: str):
 
 def validate(config: TrainingConfig) -> None:
     """Range checks a type cannot express. Exit layers are checked against the model once it is loaded."""
-    from balspec.exits import LAYER_INITS, NORM_INITS
+    from balspec.exits import LAYER_INITS, MODULES, NORM_INITS
 
     c = config
     checks = [
+        ("method", c.method in METHODS, f"one of {', '.join(METHODS)}"),
+        ("exits.module", c.exits.module in MODULES[:3], f"one of {', '.join(MODULES[:3])}"),
+        ("exits.module", c.method == "balcony" or c.exits.module == "layer", "layer with method sorted (no balconies)"),
+        ("exits.draft", not c.exits.draft or c.exits.module == "layer", "empty unless exits.module is layer"),
+        ("exits.draft", not c.exits.draft or c.method == "balcony", "empty with method sorted (no balconies)"),
+        ("exits.draft", not c.exits.draft or not c.exits.train_base, "empty with exits.train_base"),
+        ("exits.init_from", not c.exits.init_from or c.method == "balcony", "null with method sorted (no balconies)"),
+        ("loss.sorted_target", c.loss.sorted_target in SORTED_TARGETS, f"one of {', '.join(SORTED_TARGETS)}"),
         ("model.dtype", c.model.dtype in DTYPE_NAMES, f"one of {', '.join(DTYPE_NAMES)}"),
         ("exits.layers", len(c.exits.layers) > 0, "at least one exit layer"),
         ("exits.norm_init", c.exits.norm_init in NORM_INITS, f"one of {', '.join(NORM_INITS)}"),

@@ -21,11 +21,15 @@ from torch import nn
 from balspec.architecture import Architecture, architecture, causal_mask
 from balspec.errors import BalspecError
 from balspec.files import apply_umask, partial_path, remove_stale_partials
+from balspec.layers import has_lean_form
 
 FORMAT_VERSION = 1
 NORM_INITS = ("final", "next-input")  # copy of the final norm, or of the input norm of trunk layer e + 1
 LAYER_INITS = ("last", "random")  # copy of the base's last decoder layer (paper), or re-initialised
 KINDS = ("sub-model", "draft")  # a standalone sub-model (paper), or a verified-context draft (DESIGN.md 3b)
+# What a balcony layer is (paper appendix B): a whole decoder layer, its MLP half or its attention half. Or no
+# balcony at all, "shared-head": the model's own final norm and head on h_e (LayerSkip-style; method sorted).
+MODULES = ("layer", "mlp", "attention", "shared-head")
 WEIGHTS_FILE = "exits.safetensors"
 META_FILE = "balspec.json"
 DRAFT_VOCAB_KEY = "draft_vocab"  # int64 token ids in exits.safetensors: the reduced draft head's rows
@@ -80,6 +84,30 @@ def validate_exits(exits: list[int], num_layers: int) -> list[int]:
     return sorted(exits)
 
 
+class HalfLayer(nn.Module):
+    """Half of a decoder layer (its own modules, not copies), with the residual: the balcony of exits.module mlp
+    or attention. Called like a transformers decoder layer, so the engine's generic path runs it as one."""
+
+    def __init__(self, layer: nn.Module, half: str):
+        super().__init__()
+        needed = ("input_layernorm", "self_attn") if half == "attention" else ("post_attention_layernorm", "mlp")
+        if not has_lean_form(layer):  # a pre-norm Llama-family layer: x + attn(norm(x)), then x + mlp(norm(x))
+            raise BalspecError(f"exits.module: an {half}-only balcony takes the {' and '.join(needed)} of a "
+                               f"pre-norm decoder layer, and {type(layer).__name__} has another form; use layer")
+        self.half = half
+        for name in needed:
+            setattr(self, name, getattr(layer, name))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_embeddings=None,
+                past_key_values=None, **kwargs) -> torch.Tensor:
+        """[b, q, hidden] -> [b, q, hidden]; the attention half appends its K/V to `past_key_values`."""
+        if self.half == "mlp":
+            return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        out, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                                position_embeddings=position_embeddings, past_key_values=past_key_values, **kwargs)
+        return hidden_states + out
+
+
 def parse_exits(text: str) -> list[int]:
     try:
         return [int(x) for x in str(text).split(",") if x.strip()]
@@ -96,10 +124,14 @@ class Balcony(nn.Module):
     from the plain balcony). It has no standalone sub-model: early-exit and export refuse it.
     """
 
-    def __init__(self, layers: list[nn.Module], norm: nn.Module, arch: Architecture, kind: str = "sub-model"):
+    def __init__(self, layers: list[nn.Module], norm: nn.Module, arch: Architecture, kind: str = "sub-model",
+                 shared_norm: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.norm = norm
+        if shared_norm:  # a shared-head exit: the model's own final norm, not a balcony weight (no state dict entry)
+            object.__setattr__(self, "norm", norm)
+        else:
+            self.norm = norm
         self.kind = kind
         self.arch = arch  # the base's: a balcony attends as its last layer (window, mask format)
         self.window = arch.windows[arch.balcony_kind]
@@ -152,9 +184,10 @@ class Exits(nn.Module):
     """All balconies of one base model. Holds no base weights: its state dict is the checkpoint."""
 
     def __init__(self, balconies: dict[int, Balcony], num_base_layers: int, norm_init: str, layer_init: str,
-                 arch: Architecture):
+                 arch: Architecture, module: str = "layer"):
         super().__init__()
         self.arch = arch  # the base model's formulas around its layers: the loss's logits are the model's
+        self.module = module
         self.exits = sorted(balconies)
         self.balconies = nn.ModuleDict({str(e): balconies[e] for e in self.exits})
         self.num_base_layers = num_base_layers
@@ -195,9 +228,11 @@ class Exits(nn.Module):
 
 
 def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", layer_init: str = "last",
-                 balcony_layers: int = 1, seed: int = 0, draft_exits: list[int] = ()) -> Exits:
+                 balcony_layers: int = 1, seed: int = 0, draft_exits: list[int] = (), module: str = "layer") -> Exits:
     """Build balconies for `exits` on a frozen `model`, initialised from its own weights; those in
-    `draft_exits` are of the draft kind (verified-context, one layer)."""
+    `draft_exits` are of the draft kind (verified-context, one layer). module (MODULES): each balcony layer is a
+    copy of the last decoder layer, of its MLP half or of its attention half; "shared-head": no balcony, the
+    exit is the model's own final norm and head (zero balcony layers, no weights)."""
     parts = model_parts(model)
     arch = architecture(model, parts.rotary, parts.num_layers)  # refuses what balspec cannot run, in one line
     exits = validate_exits(list(exits), parts.num_layers)
@@ -205,16 +240,23 @@ def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", l
         raise BalspecError(f"exits.norm_init: {norm_init!r} is not one of {', '.join(NORM_INITS)}")
     if layer_init not in LAYER_INITS:
         raise BalspecError(f"exits.layer_init: {layer_init!r} is not one of {', '.join(LAYER_INITS)}")
-    if balcony_layers < 1:
+    if balcony_layers < 1 and module != "shared-head":
         raise BalspecError("exits.balcony_layers: must be at least 1")
     if draft_exits and balcony_layers != 1:
         raise BalspecError("exits.balcony_layers: a draft-kind exit has exactly one balcony layer")
+    if module not in MODULES:
+        raise BalspecError(f"exits.module: {module!r} is not one of {', '.join(MODULES)}")
+    if draft_exits and module != "layer":
+        raise BalspecError("exits.draft: a draft-kind exit is a whole decoder layer; use exits.module=layer")
     if set(draft_exits) - set(exits):
         raise BalspecError(f"draft exits {sorted(set(draft_exits) - set(exits))} are not among the exits {exits}")
     if norm_init == "next-input" and not hasattr(parts.layers[0], "input_layernorm"):
         model_type = getattr(model.config, "model_type", type(model).__name__)
         raise BalspecError(f"exits.norm_init: next-input copies a layer's input norm, and model type {model_type} "
                            "has none (its norms follow attention and MLP); use final")
+    if module == "shared-head":
+        balconies = {e: Balcony([], parts.norm, arch, shared_norm=True) for e in exits}
+        return Exits(balconies, parts.num_layers, "final", layer_init, arch, module)
     generator = torch.Generator().manual_seed(seed)
     balconies = {}
     for e in exits:
@@ -222,12 +264,15 @@ def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", l
         if layer_init == "random":
             for layer in layers:
                 _reinit(layer, model.config, generator)
+        if module != "layer":
+            layers = [HalfLayer(layer, module) for layer in layers]
         source_norm = parts.norm if norm_init == "final" else parts.layers[e].input_layernorm
         balconies[e] = Balcony(layers, copy.deepcopy(source_norm), arch, "draft" if e in draft_exits else "sub-model")
-    out = Exits(balconies, parts.num_layers, norm_init, layer_init, arch)
+    out = Exits(balconies, parts.num_layers, norm_init, layer_init, arch, module)
     for e in exits:  # a deep copy keeps the last trunk layer's cache slot: give each balcony its own
         for layer, slot in zip(out[e].layers, out.cache_slots(e)):
-            layer.self_attn.layer_idx = slot
+            if hasattr(layer, "self_attn"):  # an MLP-only balcony has no attention and writes no K/V
+                layer.self_attn.layer_idx = slot
     out.requires_grad_(True)
     return out.to(parts.head.weight.device)
 
@@ -273,11 +318,12 @@ def base_model_info(model: nn.Module) -> dict:
 
 def save_exits(exits: Exits, model: nn.Module, path: str | Path, dtype: torch.dtype | None = None,
                training: dict | None = None, defaults: dict | None = None,
-               draft_vocab_info: dict | None = None) -> Path:
+               draft_vocab_info: dict | None = None, train_base: bool = False) -> Path:
     """Write `exits.safetensors` and `balspec.json` atomically (temp file + rename, JSON last).
 
     `defaults` records the generation settings chosen by measurement (mode, exit, draft_len);
-    `draft_vocab_info` describes `exits.draft_vocab` (how it was counted, its coverage).
+    `draft_vocab_info` describes `exits.draft_vocab` (how it was counted, its coverage); train_base: the base
+    was trained with the exits (its weights lie beside them, in the same directory: sorted.py).
     """
     from safetensors.torch import save_file
 
@@ -286,7 +332,7 @@ def save_exits(exits: Exits, model: nn.Module, path: str | Path, dtype: torch.dt
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in exits.state_dict().items()}
-    weights_dtype = next(iter(tensors.values())).dtype
+    weights_dtype = next(iter(tensors.values())).dtype if tensors else dtype or model_parts(model).head.weight.dtype
     if exits.draft_vocab is not None:
         tensors[DRAFT_VOCAB_KEY] = exits.draft_vocab.detach().to("cpu", torch.int64).contiguous()
     weights_tmp = _temp_in(path, WEIGHTS_FILE)
@@ -296,6 +342,7 @@ def save_exits(exits: Exits, model: nn.Module, path: str | Path, dtype: torch.dt
         meta = {"format_version": FORMAT_VERSION, "balspec_version": __version__,
                 "base_model": base_model_info(model), "exits": exits.exits, "norm_init": exits.norm_init,
                 "layer_init": exits.layer_init, "balcony_layers": exits.balcony_layers,
+                "module": exits.module, "train_base": train_base,
                 "kinds": {str(e): kind for e, kind in exits.kinds.items()},
                 "dtype": str(weights_dtype).replace("torch.", ""),
                 "weights_sha256": sha256_file(weights_tmp), "training": training or {}}
@@ -337,6 +384,7 @@ def _is_whole(value) -> bool:
 # A field's type: (test, what it must be). An object: {key: (type, required)}, "*" for every key. A list: [type].
 _WHOLE = (_is_whole, "a whole number")
 _COUNT = (lambda v: _is_whole(v) and v >= 1, "a whole number >= 1")
+_BALCONY_LAYERS = (lambda v: _is_whole(v) and v >= 0, "a whole number >= 1 (0 with module shared-head)")
 _TEXT = (lambda v: isinstance(v, str), "a string")
 _TEXT_OR_NULL = (lambda v: v is None or isinstance(v, str), "a string or null")
 _NUMBER_OR_NULL = (lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool), "a number or null")
@@ -359,7 +407,9 @@ def _meta_schema() -> dict:
             "exits": ([_WHOLE], True),
             "norm_init": (_one_of(NORM_INITS), False),
             "layer_init": (_one_of(LAYER_INITS), False),
-            "balcony_layers": (_COUNT, False),
+            "balcony_layers": (_BALCONY_LAYERS, False),
+            "module": (_one_of(MODULES), False),
+            "train_base": ((lambda v: isinstance(v, bool), "true or false"), False),
             "kinds": ({"*": (_one_of(KINDS), False)}, False),
             "dtype": (_TEXT, False),
             "weights_sha256": (_TEXT, True),
@@ -381,6 +431,10 @@ def _check_meta(meta, meta_file: Path) -> None:
     for key in kinds:
         if key not in map(str, exits):
             _corrupt(meta_file, f"kinds.{key}", f"an exit of the checkpoint ({','.join(map(str, exits))})", key)
+    shared = meta.get("module", "layer") == "shared-head"  # no balcony: zero balcony layers, and only then
+    if (meta.get("balcony_layers", 1) == 0) != shared:
+        _corrupt(meta_file, "balcony_layers", "0 with module shared-head" if shared else "a whole number >= 1",
+                 meta["balcony_layers"])
     if "draft" in kinds.values() and meta.get("balcony_layers", 1) != 1:
         _corrupt(meta_file, "balcony_layers", "1 with a draft-kind exit", meta["balcony_layers"])
     defaults = meta.get("defaults", {})
@@ -442,7 +496,8 @@ def load_exits(model: nn.Module, path: str | Path) -> tuple[Exits, dict]:
         raise BalspecError(f"{path / WEIGHTS_FILE} is corrupt: {e}") from None
     kinds = meta.get("kinds", {})
     exits = attach_exits(model, meta["exits"], meta.get("norm_init", "final"), "last",
-                         meta.get("balcony_layers", 1), draft_exits=[int(e) for e, v in kinds.items() if v == "draft"])
+                         meta.get("balcony_layers", 1), draft_exits=[int(e) for e, v in kinds.items() if v == "draft"],
+                         module=meta.get("module", "layer"))
     exits.layer_init = meta.get("layer_init", "last")
     draft_vocab = tensors.pop(DRAFT_VOCAB_KEY, None)
     if draft_vocab is not None:
@@ -515,6 +570,8 @@ def init_exits_from(exits: Exits, model: nn.Module, path: str | Path) -> None:
     kinds = [e for e in exits.exits if source.kinds[e] == "draft" and exits.kinds[e] == "sub-model"]
     if kinds:
         raise BalspecError(f"{where}: exit {kinds[0]} is a draft exit there, a sub-model exit in this run")
+    if source.module != exits.module:
+        raise BalspecError(f"{where} has {source.module} balconies, this run {exits.module} ones")
     if source.balcony_layers != exits.balcony_layers:
         raise BalspecError(f"{where} has {source.balcony_layers}-layer balconies, this run "
                            f"{exits.balcony_layers}-layer ones")

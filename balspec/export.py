@@ -43,6 +43,9 @@ def build_submodel(model: nn.Module, exits: Exits, exit_layer: int) -> nn.Module
     head and norm with `model` and `exits` (no copy); only the balcony layers are copied, to renumber them."""
     parts = model_parts(model)
     exits.check_sub_model(exit_layer, "export")
+    if exits.module in ("mlp", "attention"):
+        raise BalspecError(f"export: an {exits.module}-only balcony is not a decoder layer of the base architecture, "
+                           "so its sub-model is no standard checkpoint; use it with balspec generate")
     balcony = exits[exit_layer]
     config = submodel_config(model.config, exit_layer, exits.balcony_layers)
     with torch.device("meta"):  # every module is replaced by a real one below: allocate nothing

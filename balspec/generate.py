@@ -85,9 +85,12 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 
 def default_exits_path(model_name: str | None) -> Path | None:
-    """The exits shipped inside the package for the embedded default model, if any."""
+    """The exits shipped inside the package for the embedded default model, or those saved beside a model that
+    was trained with them (method sorted, exits.train_base: the run directory holds both), if any."""
     if model_name in DEFAULT_ALIASES and (DEFAULT_EXITS_DIR / "balspec.json").exists():
         return DEFAULT_EXITS_DIR
+    if model_name is not None and all((Path(model_name) / f).is_file() for f in ("config.json", "balspec.json")):
+        return Path(model_name)
     return None
 
 

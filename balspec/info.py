@@ -57,6 +57,8 @@ def describe_checkpoint(path: str | Path, model=None) -> dict:
             "exits": meta["exits"],
             "kinds": {str(e): meta.get("kinds", {}).get(str(e), "sub-model") for e in meta["exits"]},
             "balcony_layers": meta.get("balcony_layers", 1),
+            "module": meta.get("module", "layer"),
+            "train_base": meta.get("train_base", False),
             "norm_init": meta.get("norm_init"),
             "layer_init": meta.get("layer_init"),
             "dtype": meta.get("dtype"),
@@ -95,6 +97,9 @@ def render_table(info: dict):
             ("layer path", info["layer_path"] or "not checked (pass --model to check)"),
             ("exits", ", ".join(f"{e} ({info['kinds'][str(e)]})" for e in info["exits"])),
             ("balcony layers", info["balcony_layers"]),
+            ("balcony module", info["module"] + (" (no balcony: the model's own final norm and head)"
+                                                 if info["module"] == "shared-head" else "")),
+            ("base", "trained with the exits (its weights lie beside them)" if info["train_base"] else "frozen"),
             ("norm init", info["norm_init"]),
             ("layer init", info["layer_init"]),
             ("dtype", info["dtype"]),

@@ -33,6 +33,7 @@ class ExitLosses:
     ce: torch.Tensor  # mean next-token cross-entropy of the exit (0 when not computed)
     agree: torch.Tensor  # fraction of positions where the exit's argmax equals the full model's
     positions: int = 0  # positions the means are over
+    full_loss: torch.Tensor | None = None  # a run that trains the base (sorted.py): the full model's own term
 
 
 def teacher_forward(model: nn.Module, input_ids: torch.Tensor, exits: list[int]):

@@ -17,7 +17,7 @@ from balspec import skinny
 from balspec.architecture import architecture, causal_mask
 from balspec.cache import KVCache
 from balspec.errors import BalspecError
-from balspec.exits import Exits, model_parts
+from balspec.exits import Exits, HalfLayer, model_parts
 from balspec.layers import decoder_layer, has_lean_form, key_value, module_layer
 from balspec.sampling import Sampling, accept_greedy, accept_sampling, choose, probabilities
 
@@ -173,9 +173,11 @@ class Engine:
         # Gemma 3: local and global layers rotate with their own bases
         return {kind: self.arch.rotary(self.parts.rotary, probe, positions, kind) for kind in self.arch.windows}
 
-    def _mask_format(self, allowed: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-        """A boolean mask as the layers take it: boolean for the lean forward and sdpa, additive for eager."""
-        if allowed is None or self.lean or not self.arch.additive_masks:
+    def _mask_format(self, allowed: torch.Tensor | None, dtype: torch.dtype | None = None,
+                     lean: bool | None = None) -> torch.Tensor | None:
+        """A boolean mask as the layers take it: boolean for the lean forward and sdpa, additive for eager.
+        lean: for the lean forward (default: the engine's path) or, False, for the modules."""
+        if allowed is None or (self.lean if lean is None else lean) or not self.arch.additive_masks:
             return allowed
         return self.arch.mask(allowed, dtype or self.dtype)
 
@@ -260,7 +262,9 @@ class Engine:
     def _through(self, layers, kinds: list[str], hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
         for layer, kind in zip(layers, kinds):
             rope, mask = rows.views[kind]
-            if self.lean:
+            if self.lean and isinstance(layer, HalfLayer):  # a half balcony runs as its modules, on their mask
+                hidden = module_layer(layer, hidden, rope, self._mask_format(mask, lean=False), self.cache)
+            elif self.lean:
                 hidden = decoder_layer(layer, hidden, rope, mask, self.cache, self.linear)
             else:
                 hidden = module_layer(layer, hidden, rope, mask, self.cache)

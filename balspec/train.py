@@ -46,6 +46,7 @@ from balspec.exits import Exits, attach_exits, init_exits_from, model_parts, rea
 from balspec.files import check_output_dir
 from balspec.loss import Distiller, ExitLosses, next_token_labels, teacher_forward
 from balspec.models import device_name, load_model
+from balspec.sorted import MODEL_PARTIAL, BaseDistiller, frozen_copy, load_base, needs_original, save_base, trains_base
 from balspec.trainstate import load_state, save_state
 
 RUN_FILE = "run.json"
@@ -133,7 +134,8 @@ def stale_files(output: Path) -> list[Path]:
     """Temp files and partial checkpoints a killed run left: balspec writes each under a hidden name and renames
     it into place, so these are never part of the run."""
     names = [f".{name}.*" for name in (RUN_FILE, METRICS_FILE, "exits.safetensors", "balspec.json")]
-    return [p for pattern in names for p in output.glob(pattern)] + list((output / CHECKPOINTS).glob(".step-*"))
+    return [p for pattern in [*names, MODEL_PARTIAL] for p in output.glob(pattern)] + \
+        list((output / CHECKPOINTS).glob(".step-*"))
 
 
 def check_not_busy(output: Path) -> None:
@@ -178,9 +180,10 @@ def _launched_processes() -> int:
 
 
 def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
-    """Train the balconies of `config.exits.layers`; returns the run directory holding the final exits."""
+    """Train the balconies of `config.exits.layers` (with the base too under method sorted or exits.train_base:
+    sorted.py); returns the run directory holding the final exits (and then the trained model)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     started = time.perf_counter()
     c = config
@@ -194,8 +197,16 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
     set_seed(c.train.seed)
     model, tokenizer = load_model(c.model.name, c.model.dtype, device=accelerator.device)
     parts = model_parts(model)
+    base_trains = trains_base(c)
+    if base_trains:
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise BalspecError("method sorted / exits.train_base: the base trains in one process or under DDP; "
+                               "FSDP and DeepSpeed shard only balconies in balspec")
+        original = frozen_copy(model) if needs_original(c) else None
+        model.float().requires_grad_(True)  # fp32 master weights; eval mode kept: these models have no dropout
+    module = "shared-head" if c.method == "sorted" else c.exits.module
     exits = attach_exits(model, c.exits.layers, c.exits.norm_init, c.exits.layer_init, c.exits.balcony_layers,
-                         seed=c.train.seed, draft_exits=c.exits.draft).float()  # fp32 master weights whatever the base dtype
+                         seed=c.train.seed, draft_exits=c.exits.draft, module=module).float()  # fp32 master weights
     if c.exits.init_from and resume_from is None:  # resumed: the checkpoint's weights replace them anyway
         init_exits_from(exits, model, c.exits.init_from)
     if c.loss.draft_vocab is not None:  # kept with the trained exits: they draft through it
@@ -205,13 +216,19 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
 
     output = Path(c.train.output)
     with run_directory(output, accelerator, config, resume_from):
-        distiller = Distiller(exits, c.loss.ce_weight, c.loss.chunk_size, c.train.gradient_checkpointing,
-                              c.exits.draft_chain, exits.draft_vocab)
+        if base_trains:
+            distiller = BaseDistiller(model, exits, c.method == "sorted" and c.loss.sorted_target == "ce",
+                                      c.loss.ce_weight, c.loss.chunk_size, original)
+        else:
+            distiller = Distiller(exits, c.loss.ce_weight, c.loss.chunk_size, c.train.gradient_checkpointing,
+                                  c.exits.draft_chain, exits.draft_vocab)
         optimizer = build_optimizer(distiller, c)
         # Not prepared: a prepared scheduler steps once per process; this one steps once per optimizer step.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(c))
         distiller, optimizer = accelerator.prepare(distiller, optimizer)
         progress = RunProgress()
+        if resume_from is not None and base_trains:  # before the optimizer state, which refers to its weights
+            load_base(model, resume_from)
         if resume_from is not None:
             load_state(resume_from, accelerator, accelerator.unwrap_model(distiller).exits, optimizer, scheduler,
                        blocks, progress)
@@ -246,6 +263,11 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                 losses, grad_norm = train_step(model, parts, distiller, optimizer, blocks, accelerator, c, draws)
                 scheduler.step()
                 kl = dict(zip(exits.exits, accelerator.reduce(losses.kl, "mean").tolist()))
+                total = accelerator.reduce(losses.loss, "mean").sum().item()  # what the step minimised
+                extra = {} if losses.full_loss is None else {  # the base trains: its CE and the full model's term
+                    **{f"ce/{e}": v for e, v in zip(exits.exits, accelerator.reduce(losses.ce, "mean").tolist())},
+                    "loss/full": accelerator.reduce(losses.full_loss, "mean").item()}
+                total += extra.get("loss/full", 0.0)
                 seconds = time.perf_counter() - t0
                 progress.step, progress.tokens = progress.step + 1, progress.tokens + tokens_per_step
                 progress.train_seconds += seconds
@@ -257,7 +279,7 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                 last = progress.step == c.train.max_steps
                 if last or progress.step % c.train.log_every == 0:
                     _append_metrics(accelerator, output, {
-                        "step": progress.step, "loss": sum(kl.values()), **{f"kl/{e}": v for e, v in kl.items()},
+                        "step": progress.step, "loss": total, **{f"kl/{e}": v for e, v in kl.items()}, **extra,
                         "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": progress.tokens,
                         "tokens_per_s": window_tokens / window_seconds, "elapsed_s": round(elapsed(), 2)})
                     window_tokens, window_seconds = 0, 0.0
@@ -266,17 +288,19 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                     _append_metrics(accelerator, output, {"step": progress.step, **eval_metrics})
                 if last or c.train.save_every and progress.step % c.train.save_every == 0:
                     save_checkpoint(accelerator, distiller, optimizer, scheduler, blocks, progress, model, output,
-                                    record(), c)
+                                    record(), c, tokenizer)
                     saved_step = progress.step
         if len(eval_blocks) and not eval_metrics:  # a finished run resumed: nothing trained, evaluate anyway
             eval_metrics = evaluate(model, parts, distiller, eval_blocks, accelerator, c)
         if saved_step != progress.step:
             save_checkpoint(accelerator, distiller, optimizer, scheduler, blocks, progress, model, output,
-                            record(), c)
+                            record(), c, tokenizer)
         final = gathered_exits(accelerator, distiller, model, c)
         if accelerator.is_main_process:
+            if base_trains:  # the model's files first: balspec.json, written last, marks a finished run
+                save_base(model, tokenizer, output)
             save_exits(final, model, output, dtype=parts.head.weight.dtype, training=record(),
-                       draft_vocab_info=draft_vocab_info(c))
+                       draft_vocab_info=draft_vocab_info(c), train_base=base_trains)
         accelerator.wait_for_everyone()
     return output
 
@@ -330,26 +354,33 @@ def train_step(model, parts, distiller, optimizer, blocks, accelerator, c: Train
                draws: torch.Generator | None = None):
     """One optimizer step over grad_accum batches. Returns (mean ExitLosses, grad norm or None).
     draws: the step's random draws (draft-kind exits' unverified rows)."""
-    kl = ce = agree = 0.0
+    loss = kl = ce = agree = 0.0
+    full_loss = None
     grad_norm = None
     for _ in range(c.optim.grad_accum):
         batch = blocks.next_batch(c.optim.batch_size).to(accelerator.device)  # [batch, block]
         with accelerator.accumulate(distiller):
             losses = distill_batch(model, parts, distiller, batch, accelerator, c, draws=draws)
-            accelerator.backward(losses.loss.sum())
+            accelerator.backward(losses.loss.sum() + (losses.full_loss if losses.full_loss is not None else 0))
             if accelerator.sync_gradients and c.optim.grad_clip > 0:
                 grad_norm = accelerator.clip_grad_norm_(distiller.parameters(), c.optim.grad_clip)
             optimizer.step()  # accelerate skips these until the last batch of the step
             optimizer.zero_grad(set_to_none=True)
-        kl, ce, agree = kl + losses.kl, ce + losses.ce, agree + losses.agree
+        loss, kl, ce, agree = loss + losses.loss.detach(), kl + losses.kl, ce + losses.ce, agree + losses.agree
+        if losses.full_loss is not None:
+            full_loss = losses.full_loss.detach() + (full_loss if full_loss is not None else 0)
     n = c.optim.grad_accum
-    return ExitLosses((kl + c.loss.ce_weight * ce) / n, kl / n, ce / n, agree / n), grad_norm
+    return ExitLosses(loss / n, kl / n, ce / n, agree / n,
+                      full_loss=None if full_loss is None else full_loss / n), grad_norm
 
 
 def distill_batch(model, parts, distiller, blocks: Batch, accelerator, c: TrainingConfig,
                   first_drafts: bool = False, draws: torch.Generator | None = None) -> ExitLosses:
     """The teacher's no-grad forward, then the balconies and their losses on one batch [batch, block].
     first_drafts: draft-kind exits are scored as a cycle's first draft at every position (evaluation)."""
+    if trains_base(c):  # the model's own forward, with gradients (sorted.py)
+        with accelerator.autocast():
+            return distiller(blocks.input_ids, blocks.loss_mask)
     input_ids = blocks.input_ids
     batch, seq = input_ids.shape
     position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, -1)  # [batch, seq]
@@ -401,9 +432,9 @@ def cosine_schedule(c: TrainingConfig):
 
 
 def save_checkpoint(accelerator, distiller, optimizer, scheduler, blocks, progress: RunProgress, model,
-                    output: Path, training: dict, c: TrainingConfig) -> Path:
+                    output: Path, training: dict, c: TrainingConfig, tokenizer=None) -> Path:
     """An exits checkpoint and the state that resumes training from it (trainstate.py), written to a temp
-    directory and renamed into place."""
+    directory and renamed into place; with the trained model (and `tokenizer`) when the base trains."""
     root = output / CHECKPOINTS
     final, partial = root / f"step-{progress.step:07d}", root / f".step-{progress.step:07d}.partial"
     if accelerator.is_main_process:
@@ -414,7 +445,10 @@ def save_checkpoint(accelerator, distiller, optimizer, scheduler, blocks, progre
     exits = gathered_exits(accelerator, distiller, model, c)
     accelerator.wait_for_everyone()  # every process's part is in `partial` before it is renamed
     if accelerator.is_main_process:
-        save_exits(exits, model, partial, training=training, draft_vocab_info=draft_vocab_info(c))
+        if trains_base(c):
+            save_base(model, tokenizer, partial)
+        save_exits(exits, model, partial, training=training, draft_vocab_info=draft_vocab_info(c),
+                   train_base=trains_base(c))
         shutil.rmtree(final, ignore_errors=True)  # only when an older run reached this step: replace it
         os.replace(partial, final)
         for old in checkpoints(output)[:-c.train.keep_checkpoints]:
@@ -428,7 +462,7 @@ def gathered_exits(accelerator, distiller, model, c: TrainingConfig) -> Exits | 
     state = accelerator.get_state_dict(distiller)
     if not accelerator.is_main_process:
         return None
-    if accelerator.num_processes == 1:
+    if accelerator.num_processes == 1 or trains_base(c):  # DDP (the only launch training the base) replicates
         return accelerator.unwrap_model(distiller).exits
     exits = attach_exits(model, c.exits.layers, c.exits.norm_init, c.exits.layer_init, c.exits.balcony_layers,
                          draft_exits=c.exits.draft)

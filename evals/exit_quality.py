@@ -94,10 +94,13 @@ def heads_for(model, trained, untrained, exits: list[int]) -> list[tuple[str, in
 
 @torch.inference_mode()
 def measure(model, seqs: list[torch.Tensor], heads: list[tuple[str, int, Head]],
-            draft_vocab: torch.Tensor | None = None) -> list[Quality]:
+            draft_vocab: torch.Tensor | None = None, reference=None) -> list[Quality]:
     """One full forward per sequence gives p and every h_e; each head then runs on its h_e only.
     draft_vocab [V] token ids: also score each exit's top choice within it (what a reduced draft head proposes)
-    against the full model's over the whole vocabulary."""
+    against the full model's over the whole vocabulary.
+    reference: the model p comes from (default: `model` itself). Given another (the original of a fine-tuned
+    `model`), every head's KL and agreement, and those of `model`'s own full output (row "full"), are
+    measured against it; perplexities are always the heads' and `model`'s own."""
     parts = model_parts(model)
     device = parts.head.weight.device
     vocab = draft_vocab.to(device) if draft_vocab is not None else None
@@ -110,27 +113,31 @@ def measure(model, seqs: list[torch.Tensor], heads: list[tuple[str, int, Head]],
         keep = torch.ones(ids.shape[1] - 1, dtype=torch.bool, device=device) if counted is None \
             else counted[:-1].to(device)
         out = model(ids, output_hidden_states=True)
-        log_p = F.log_softmax(out.logits[0, :-1][keep].float(), -1)  # [scored, vocab]
+        log_f = F.log_softmax(out.logits[0, :-1][keep].float(), -1)  # [scored, vocab]: the model's own output
+        log_p = log_f if reference is None else F.log_softmax(reference(ids).logits[0, :-1][keep].float(), -1)
         top_p = log_p.argmax(-1)
         target = ids[0, 1:][keep]
         positions = torch.arange(ids.shape[1], device=device)[None]
         rope = parts.rotary(out.hidden_states[0], positions)
         tokens += len(target)
-        sums[("full", None)][2] += -log_p.gather(-1, target[:, None]).sum().item()
-        sums[("full", None)][1] += len(target)
+        _add(sums[("full", None)], log_f, log_p, top_p, target)
         for name, e, head in heads:
             # hidden_states[e] is the residual stream after trunk layer e (hidden_states[0]: embeddings)
             logits = head(out.hidden_states[e], rope, out.hidden_states[-1])
             log_q = F.log_softmax(logits[0, :-1][keep].float(), -1)
-            acc = sums[(name, e)]
-            acc[0] += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
-            acc[1] += (log_q.argmax(-1) == top_p).sum().item()
-            acc[2] += -log_q.gather(-1, target[:, None]).sum().item()
+            _add(sums[(name, e)], log_q, log_p, top_p, target)
             if vocab is not None:
-                acc[3] += (vocab[log_q.index_select(1, vocab).argmax(-1)] == top_p).sum().item()
+                sums[(name, e)][3] += (vocab[log_q.index_select(1, vocab).argmax(-1)] == top_p).sum().item()
     return [Quality(name, e, kl / tokens, top1 / tokens, math.exp(nll / tokens), tokens,
                     None if vocab is None or e is None else in_vocab / tokens)
             for (name, e), (kl, top1, nll, in_vocab) in sums.items()]
+
+
+def _add(acc: list[float], log_q: torch.Tensor, log_p: torch.Tensor, top_p: torch.Tensor, target: torch.Tensor):
+    """Add one sequence's KL(p || q), top-1 agreements and NLL of the targets (log_q, log_p [scored, vocab])."""
+    acc[0] += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
+    acc[1] += (log_q.argmax(-1) == top_p).sum().item()
+    acc[2] += -log_q.gather(-1, target[:, None]).sum().item()
 
 
 def print_table(rows: list[Quality], title: str) -> None:

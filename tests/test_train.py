@@ -236,6 +236,8 @@ def test_run_directory_and_record(trained):
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-0000012", "step-0000024"]
     record = json.loads((output / "balspec.json").read_text())["training"]
     assert record["steps"] == 24 and record["tokens_seen"] == 24 * 4 * 64
+    meta = json.loads((output / "balspec.json").read_text())
+    assert meta["train_base"] is False and meta["module"] == "layer" and not (output / "config.json").exists()
     assert record["config"]["optim"]["lr"] == 3e-3 and record["device"].startswith("cpu")
     assert record["tokens_per_s"] > 0 and record["data"]["train"] == TINY_TEXT
     assert set(record["eval"]) == {"eval/kl/2", "eval/kl/4", "eval/top1/2", "eval/top1/4"}
