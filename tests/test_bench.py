@@ -168,6 +168,16 @@ def test_cli_json_is_one_document(monkeypatch, capsys, exits_dir, tmp_path):
     assert doc["meta"]["command"].startswith("balspec bench --model tiny-random")
     (spec,) = [r for r in doc["results"] if r["mode"] == "speculative"]
     assert spec["exit"] == 2 and spec["draft_len"] == 4 and spec["greedy_mismatches"] == 0
+    assert doc["meta"]["layer_path"] == "lean"  # auto: the lean forward passes its check on a Llama model
+
+
+def test_cli_layer_path_generic_runs_the_models_own_layers(monkeypatch, capsys, exits_dir):
+    assert run_cli(["--exits", "2", "--layer-path", "generic", "--json", "--no-early-exit"], monkeypatch,
+                   exits_dir) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["meta"]["layer_path"] == "generic"
+    (spec,) = [r for r in doc["results"] if r["mode"] == "speculative"]
+    assert spec["greedy_mismatches"] == 0
 
 
 @pytest.mark.parametrize("args, message", [
@@ -175,6 +185,7 @@ def test_cli_json_is_one_document(monkeypatch, capsys, exits_dir, tmp_path):
     (["--exits", "2", "--draft-len", "0"], "error: --draft-len: draft lengths must lie in 1..64, got 0"),
     (["--exits", "a,b"], "error: --exits: expected comma-separated layer numbers"),
     (["--prompts", "/nonexistent/p.jsonl"], "error: --prompts: /nonexistent/p.jsonl is not a file"),
+    (["--layer-path", "fast"], "error: --layer-path: choose one of auto, lean, generic; got 'fast'"),
 ])
 def test_cli_bad_input_is_one_clear_line(monkeypatch, capsys, exits_dir, args, message):
     assert run_cli(args, monkeypatch, exits_dir) == 1
