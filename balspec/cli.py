@@ -49,6 +49,9 @@ def generate(
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     logits_dtype: str = typer.Option("model", "--logits-dtype", help="The full model's LM head in the "
                                      "model's dtype ('model', default) or 'float32' (bf16/fp16 models)."),
+    layer_path: str = typer.Option("auto", "--layer-path", help="How decoder layers run: auto (balspec's lean "
+                                   "forward where a check at start shows it exact, else generic), lean or generic "
+                                   "(the model's own layer modules)."),
 ) -> None:
     """Generate text with the full model, an exit's sub-model, or speculatively (exact full-model output).
 
@@ -72,7 +75,7 @@ def generate(
     from balspec.generate import load
 
     bm = load(model=model, exits=exits_path, dtype=dtype, device=device, draft_vocab=not full_draft_head,
-              logits_dtype=logits_dtype)
+              logits_dtype=logits_dtype, layer_path=layer_path)
     kwargs = dict(mode=mode, exit=exit_layer, draft_len=draft_len, draft_width=draft_width,
                   max_new_tokens=max_new_tokens,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=not raw, stop=stop)
@@ -212,6 +215,9 @@ def bench(
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     logits_dtype: str = typer.Option("model", "--logits-dtype", help="The full model's LM head in the "
                                      "model's dtype ('model', default) or 'float32' (bf16/fp16 models)."),
+    layer_path: str = typer.Option("auto", "--layer-path", help="How decoder layers run: auto (balspec's lean "
+                                   "forward where a check at start shows it exact, else generic), lean or generic "
+                                   "(the model's own layer modules)."),
 ) -> None:
     """Measure acceptance, tokens per cycle (tau) and wall-clock speedup per exit and draft length.
 
@@ -229,6 +235,8 @@ def bench(
         balspec bench --exits 8 --draft-len 1,auto --draft-width 1,3 --no-early-exit
 
         balspec bench --exits 12 --peers hf,hf-early-exit,prompt-lookup --plot bench.png
+
+        balspec bench --exits 8 --layer-path generic --json --output bench-generic.json
     """
     import shlex
 
@@ -240,6 +248,7 @@ def bench(
     from balspec.info import resolve_exits_path
     from balspec.models import check_device, parse_dtype
     from balspec.prompts import load_prompts
+    from balspec.speculative import parse_layer_path
 
     # the cheap checks first: loading the model and measuring can take minutes
     path = resolve_exits_path(exits_path, model)
@@ -251,6 +260,7 @@ def bench(
     peer_names = bench_lib.parse_peers(peers)
     parse_dtype(dtype)
     check_device(device)
+    parse_layer_path(layer_path)
     if output:
         check_output_file(output, "--output")
     if plot:
@@ -263,7 +273,7 @@ def bench(
     bench_lib.check_numbers(opts)
     prompt_set = load_prompts(prompts, num_prompts)
     bm = load(model=model, exits=path, dtype=dtype, device=device, draft_vocab=not full_draft_head,
-              logits_dtype=logits_dtype)
+              logits_dtype=logits_dtype, layer_path=layer_path)
     bench_lib.check_options(bm, opts)
     with report.progress_bar() as on_step:
         result = bench_lib.run_bench(bm, prompt_set, opts, command=shlex.join(["balspec", *sys.argv[1:]]),

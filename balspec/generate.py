@@ -103,8 +103,9 @@ def load(model: str | None = None, exits: str | Path | None = None, dtype: str =
     given an exits checkpoint (train one with `balspec train`). draft_vocab=False drafts with the full
     LM head even when the checkpoint stores a reduced draft vocabulary (the output is the same).
     logits_dtype="float32" computes the full model's LM head in fp32 when dtype is bfloat16 or float16
-    ("model", the default: in dtype; measured, fp32 logits did not reduce bf16 mismatches: README). layer_path: "lean" or "generic" forces how
-    the engine runs decoder layers (speculative.Engine); None chooses by a check.
+    ("model", the default: in dtype; measured, fp32 logits did not reduce bf16 mismatches: README).
+    layer_path: "lean" or "generic" forces how the engine runs decoder layers (speculative.Engine); "auto" or
+    None chooses by a check at start. A bad value, or "lean" where it is not exact: BalspecError.
     """
     hf_model, tokenizer = load_model(model, dtype, device or default_device())
     path = Path(exits) if exits is not None else default_exits_path(model)

@@ -29,6 +29,16 @@ AUTO_MIN_CONFIDENCE = 0.6  # ... where unsure means top probability below this (
 LAYER_PATHS = ("lean", "generic")  # layers.py: balspec's own forward of a Llama-family layer, or the model's module
 
 
+def parse_layer_path(value: str | None) -> str | None:
+    """--layer-path: "auto" or None (the engine chooses by its check at start) -> None; "lean" or "generic" ->
+    itself. Anything else: BalspecError naming the flag."""
+    if value in (None, "auto"):
+        return None
+    if value not in LAYER_PATHS:
+        raise BalspecError(f"--layer-path: choose one of auto, {', '.join(LAYER_PATHS)}; got {value!r}")
+    return value
+
+
 @dataclass
 class Cycle:
     """What one draft-verify cycle did: the emitted tokens are drafts[:accepted] + [next_token]."""
@@ -41,8 +51,8 @@ class Cycle:
 class Engine:
     """Runs ranges of decoder layers of a frozen causal LM and its balconies over one KV cache.
 
-    layer_path: "lean" or "generic" (layers.py); None takes the lean forward where the check at start shows it
-    computes this model's layers exactly, else the generic path. Either way the engine's full-mode logits are
+    layer_path: "lean" or "generic" (layers.py); "auto" or None takes the lean forward where the check at start
+    shows it computes this model's layers exactly, else the generic path. Either way the engine's full-mode logits are
     checked against the model's own forward at start (check_forward): nothing runs a formula that differs.
     logits_dtype: "float32" (the full model's LM head in fp32 for bf16/fp16 models) or "model".
     """
@@ -92,8 +102,7 @@ class Engine:
 
     # -- which path, and checks at start -----------------------------------------------------------------
     def _choose_path(self, requested: str | None) -> str:
-        if requested is not None and requested not in LAYER_PATHS:
-            raise BalspecError(f"layer path {requested!r}: choose one of {', '.join(LAYER_PATHS)}")
+        requested = parse_layer_path(requested)
         if requested == "generic":
             return "generic"
         if self.check_lean():

@@ -30,15 +30,17 @@ from exit_quality import balcony_output  # noqa: E402  (evals/, beside this scri
 WIDTHS = (1, 2, 3, 4)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model",
+                        help="base model: hub id, local directory or tiny-random (default: the embedded one)")
     parser.add_argument("--prompts", help="prompt file (default: the built-in set)")
     parser.add_argument("--num-prompts", type=int, default=14)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--exits-path", help="exits checkpoint (default: the shipped exits)")
     parser.add_argument("--output", help="write the result as JSON here")
-    args = parser.parse_args()
-    bm = balspec.load(exits=args.exits_path)
+    args = parser.parse_args(argv)
+    bm = balspec.load(model=args.model, exits=args.exits_path)
     engine = bm.engine
     ranks: dict[int, list[torch.Tensor]] = {e: [] for e in bm.exits}
     with torch.inference_mode():
@@ -52,9 +54,11 @@ def main() -> None:
                 hidden = engine.run_layers(hidden, done, e, 0)
                 exit_hidden[e], done = hidden, e
             final = engine.parts.norm(engine.run_layers(hidden, done, engine.num_layers, 0))  # [1, L, hidden]
-            target = engine.parts.head(final)[0].argmax(-1)  # [L]
+            target = engine.head_logits(final)[0].argmax(-1)  # [L]
             answer_rows = slice(len(ids) - 1, seq.shape[1] - 1)  # rows that predict the answer's tokens
-            rope = engine.parts.rotary(final, torch.arange(seq.shape[1], device=final.device)[None])
+            arch = engine.arch  # a balcony rotates as the last layer (Gemma 3: that kind's own base)
+            rope = arch.rotary(engine.parts.rotary, final, torch.arange(seq.shape[1], device=final.device)[None],
+                               arch.balcony_kind)
             for e in bm.exits:
                 if engine.is_draft_kind(e):  # every position as a cycle's first draft (training's path)
                     normed = balcony_output(bm.exit_modules[e], exit_hidden[e], rope, final)[0, answer_rows]
@@ -69,7 +73,8 @@ def main() -> None:
     print(f"{positions} answer positions", file=sys.stderr)
     if args.output:
         doc = {"command": shlex.join(["python", *sys.argv]), "device": device_name(bm.device),
-               "exits_path": args.exits_path or "shipped", "positions": positions, "agreement": table}
+               "model": bm.model.config._name_or_path, "exits_path": args.exits_path or "shipped",
+               "positions": positions, "agreement": table}
         Path(args.output).write_text(json.dumps(doc, indent=2) + "\n")
 
 

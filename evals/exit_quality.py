@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from balspec.architecture import Architecture
 from balspec.errors import BalspecError
 from balspec.exits import attach_exits, load_exits, model_parts, parse_exits, read_draft_vocab
 from balspec.generate import default_exits_path
@@ -68,7 +69,8 @@ def heldout_blocks(source: str, tokenizer, seq_len: int, max_tokens: int, positi
             for ids, m in zip(rows["input_ids"], masks)]
 
 
-# (h_e [1, L, hidden], rope, the full model's final normed states [1, L, hidden]) -> logits [1, L, vocab]
+# (h_e [1, L, hidden], rope of the balcony's attention kind, the full model's final normed states [1, L, hidden])
+# -> the model's logits [1, L, vocab] (its soft-cap or divisor applied, as the full model's)
 Head = Callable[[torch.Tensor, tuple, torch.Tensor], torch.Tensor]
 
 
@@ -82,20 +84,25 @@ def balcony_output(balcony, h: torch.Tensor, rope, deep: torch.Tensor) -> torch.
 
 def heads_for(model, trained, untrained, exits: list[int]) -> list[tuple[str, int, Head]]:
     parts = model_parts(model)
+
+    def logits(normed):  # Granite's divisor, Gemma's soft-cap: q is compared with the model's own p
+        return untrained.arch.finish_logits(parts.head(normed))
+
     out = []
     for e in exits:
         if trained is not None:
-            out.append(("balcony", e, lambda h, rope, deep, e=e: parts.head(balcony_output(trained[e], h, rope, deep))))
+            out.append(("balcony", e, lambda h, rope, deep, e=e: logits(balcony_output(trained[e], h, rope, deep))))
         out.append(("balcony (untrained)", e,
-                    lambda h, rope, deep, e=e: parts.head(balcony_output(untrained[e], h, rope, deep))))
-        out.append(("shared head", e, lambda h, rope, deep: parts.head(parts.norm(h))))
+                    lambda h, rope, deep, e=e: logits(balcony_output(untrained[e], h, rope, deep))))
+        out.append(("shared head", e, lambda h, rope, deep: logits(parts.norm(h))))
     return out
 
 
 @torch.inference_mode()
-def measure(model, seqs: list[torch.Tensor], heads: list[tuple[str, int, Head]],
+def measure(model, arch: Architecture, seqs: list[torch.Tensor], heads: list[tuple[str, int, Head]],
             draft_vocab: torch.Tensor | None = None, reference=None) -> list[Quality]:
-    """One full forward per sequence gives p and every h_e; each head then runs on its h_e only.
+    """One full forward per sequence gives p and every h_e; each head then runs on its h_e only. arch: the
+    model's (Exits.arch), for the balconies' rotary embedding (Architecture.balcony_kind).
     draft_vocab [V] token ids: also score each exit's top choice within it (what a reduced draft head proposes)
     against the full model's over the whole vocabulary.
     reference: the model p comes from (default: `model` itself). Given another (the original of a fine-tuned
@@ -118,7 +125,7 @@ def measure(model, seqs: list[torch.Tensor], heads: list[tuple[str, int, Head]],
         top_p = log_p.argmax(-1)
         target = ids[0, 1:][keep]
         positions = torch.arange(ids.shape[1], device=device)[None]
-        rope = parts.rotary(out.hidden_states[0], positions)
+        rope = arch.rotary(parts.rotary, out.hidden_states[0], positions, arch.balcony_kind)  # Gemma 3: its base
         tokens += len(target)
         _add(sums[("full", None)], log_f, log_p, top_p, target)
         for name, e, head in heads:
@@ -198,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
     vocab_source = args.draft_vocab or (str(exits_path) if trained is not None and trained.draft_vocab is not None
                                         else None)
     vocab = read_draft_vocab(model, draft_vocab_path(vocab_source), "--draft-vocab") if vocab_source else None
-    rows = measure(model, seqs, heads_for(model, trained, untrained, exits), vocab)
+    rows = measure(model, untrained.arch, seqs, heads_for(model, trained, untrained, exits), vocab)
     import transformers
 
     from balspec import __version__

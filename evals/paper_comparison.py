@@ -131,10 +131,11 @@ def measure_row(args, row: str, run_dir: Path, original, tokenizer, layers: list
         model = load_model(str(run_dir))[0] if meta.get("train_base") else original
         (exits, _), tokens = load_exits(model, run_dir), meta["training"]["tokens_seen"]
     head = model_parts(model).head
-    heads = [("exit", e, lambda h, rope, deep, e=e: head(balcony_output(exits[e], h, rope, deep)))
+    heads = [("exit", e, lambda h, rope, deep, e=e: exits.arch.finish_logits(head(balcony_output(exits[e], h, rope,
+                                                                                              deep))))
              for e in exits.exits]
-    on_answers = {q.exit: q for q in measure(model, answers, heads, reference=original)}
-    on_text = {q.exit: q for q in measure(model, text, heads, reference=original)}
+    on_answers = {q.exit: q for q in measure(model, exits.arch, answers, heads, reference=original)}
+    on_text = {q.exit: q for q in measure(model, exits.arch, text, heads, reference=original)}
     bm = BalconyModel(model, tokenizer, exits)
     opts = BenchOptions(exits=exits.exits, draft_lens=[args.draft_len], max_new_tokens=args.max_new_tokens,
                         warmup=0, early_exit=False, cost_repeats=1)

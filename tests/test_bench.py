@@ -168,6 +168,16 @@ def test_cli_json_is_one_document(monkeypatch, capsys, exits_dir, tmp_path):
     assert doc["meta"]["command"].startswith("balspec bench --model tiny-random")
     (spec,) = [r for r in doc["results"] if r["mode"] == "speculative"]
     assert spec["exit"] == 2 and spec["draft_len"] == 4 and spec["greedy_mismatches"] == 0
+    assert doc["meta"]["layer_path"] == "lean"  # auto: the lean forward passes its check on a Llama model
+
+
+def test_cli_layer_path_generic_runs_the_models_own_layers(monkeypatch, capsys, exits_dir):
+    assert run_cli(["--exits", "2", "--layer-path", "generic", "--json", "--no-early-exit"], monkeypatch,
+                   exits_dir) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["meta"]["layer_path"] == "generic"
+    (spec,) = [r for r in doc["results"] if r["mode"] == "speculative"]
+    assert spec["greedy_mismatches"] == 0
 
 
 @pytest.mark.parametrize("args, message", [
@@ -175,6 +185,7 @@ def test_cli_json_is_one_document(monkeypatch, capsys, exits_dir, tmp_path):
     (["--exits", "2", "--draft-len", "0"], "error: --draft-len: draft lengths must lie in 1..64, got 0"),
     (["--exits", "a,b"], "error: --exits: expected comma-separated layer numbers"),
     (["--prompts", "/nonexistent/p.jsonl"], "error: --prompts: /nonexistent/p.jsonl is not a file"),
+    (["--layer-path", "fast"], "error: --layer-path: choose one of auto, lean, generic; got 'fast'"),
 ])
 def test_cli_bad_input_is_one_clear_line(monkeypatch, capsys, exits_dir, args, message):
     assert run_cli(args, monkeypatch, exits_dir) == 1
@@ -187,9 +198,8 @@ def test_cli_bad_input_is_one_clear_line(monkeypatch, capsys, exits_dir, args, m
 
 # -- evals/exit_quality.py ------------------------------------------------------------------------------------
 
-def test_exit_quality_is_exact_for_a_copy_of_the_last_layer(monkeypatch, exits_dir, tmp_path):
-    """On a 6-layer model an untrained balcony at exit 5 (copy of layer 6 + final norm) IS the full model:
-    KL 0 and full agreement check the hidden-state, rotary and causal-mask plumbing of the eval."""
+def load_exit_quality(monkeypatch):
+    """evals/exit_quality.py as a module (evals/ is no package)."""
     import importlib.util
     from pathlib import Path
 
@@ -197,11 +207,23 @@ def test_exit_quality_is_exact_for_a_copy_of_the_last_layer(monkeypatch, exits_d
     exit_quality = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "exit_quality", exit_quality)  # dataclasses look their module up
     spec.loader.exec_module(exit_quality)
-    monkeypatch.setenv("BALSPEC_HOME", str(exits_dir[0]))
+    return exit_quality
+
+
+def heldout_file(tmp_path):
     data = tmp_path / "heldout.jsonl"
     data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": p.text},
                                                        {"role": "assistant", "content": p.text[::-1]}]})
                               for p in PROMPTS.prompts) + "\n" + json.dumps({"text": "plain text record"}) + "\n")
+    return data
+
+
+def test_exit_quality_is_exact_for_a_copy_of_the_last_layer(monkeypatch, exits_dir, tmp_path):
+    """On a 6-layer model an untrained balcony at exit 5 (copy of layer 6 + final norm) IS the full model:
+    KL 0 and full agreement check the hidden-state, rotary and causal-mask plumbing of the eval."""
+    exit_quality = load_exit_quality(monkeypatch)
+    monkeypatch.setenv("BALSPEC_HOME", str(exits_dir[0]))
+    data = heldout_file(tmp_path)
     output = tmp_path / "quality.json"
     exit_quality.main(["--model", "tiny-random", "--exits", "2,5", "--data", str(data), "--seq-len", "32",
                        "--output", str(output)])
@@ -232,6 +254,51 @@ def test_exit_quality_is_exact_for_a_copy_of_the_last_layer(monkeypatch, exits_d
             assert all(r["top1_draft_vocab"] == r["top1_agreement"] for k, r in rows.items() if k[1] is not None)
         else:  # the full model itself, restricted to ten tokens, seldom picks its own choice
             assert rows["balcony (untrained)", 5]["top1_draft_vocab"] < 0.5
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "granite"])
+def test_exit_quality_is_exact_for_a_copy_of_the_last_layer_beyond_llama(kind, monkeypatch, tmp_path):
+    """The same on 4-layer models whose forward does more than Llama's: exit 3's untrained balcony (a copy of
+    the sliding-window layer 4 on Gemma) must rotate with that layer's base (Gemma 3: local and global bases
+    differ), mask its window (blocks longer than the window) and get the model's final soft-cap (Gemma) or
+    logit divisor (Granite), else KL > 0."""
+    from tests.test_architectures import WINDOW
+    from tests.test_architectures_train import saved
+
+    exit_quality = load_exit_quality(monkeypatch)
+    output = tmp_path / "quality.json"
+    exit_quality.main(["--model", str(saved(kind, tmp_path)), "--exits", "1,3", "--data", str(heldout_file(tmp_path)),
+                       "--seq-len", str(4 * WINDOW), "--output", str(output)])
+    rows = {(r["name"], r["exit"]): r for r in json.loads(output.read_text())["rows"]}
+    assert rows["balcony (untrained)", 3]["kl"] == pytest.approx(0, abs=1e-5)
+    assert rows["balcony (untrained)", 3]["top1_agreement"] == 1.0
+    assert rows["balcony (untrained)", 3]["perplexity"] == pytest.approx(rows["full", None]["perplexity"], rel=1e-4)
+    assert rows["shared head", 1]["kl"] > 1e-3
+
+
+def test_draft_rank_on_gemma3_rotates_a_draft_kind_balcony_with_its_kind(monkeypatch, tmp_path, capsys):
+    """evals/draft_rank.py on a model whose layer kinds have their own rotary bases: the draft-kind exit 1 is
+    scored through the rotary embedding of the balcony's kind (no kind: a TypeError from Gemma 3's rotary), and
+    the sub-model exit 3 (a copy of the last layer) ranks the full model's token first everywhere."""
+    import importlib.util
+    from pathlib import Path
+
+    from tests.test_architectures_train import saved
+
+    path = saved("gemma3", tmp_path)
+    model, _ = load_model(str(path))
+    exits = save_exits(attach_exits(model, [1, 3], draft_exits=[1]), model, tmp_path / "exits")
+    spec = importlib.util.spec_from_file_location("draft_rank", Path(__file__).parents[1] / "evals/draft_rank.py")
+    draft_rank = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts evals/ on it
+    spec.loader.exec_module(draft_rank)
+    output = tmp_path / "rank.json"
+    draft_rank.main(["--model", str(path), "--exits-path", str(exits), "--num-prompts", "2", "--max-new-tokens", "8",
+                     "--output", str(output)])
+    doc = json.loads(output.read_text())
+    assert doc["positions"] == 16 and doc["model"] == str(path)
+    assert doc["agreement"]["3"] == {"top1": 1.0, "top2": 1.0, "top3": 1.0, "top4": 1.0}
+    assert set(doc["agreement"]) == {"1", "3"}
 
 
 def test_draft_widths_parse_and_refuse_sampling():

@@ -43,6 +43,17 @@ def test_generate_json_is_one_document(exits_dir, capsys, monkeypatch):
     assert 0 <= doc["stats"]["acceptance_rate"] <= 1 and doc["stats"]["mode"] == "speculative"
 
 
+def test_generate_layer_path_generic(exits_dir, capsys, monkeypatch):
+    from balspec import generate
+
+    loaded, load = [], generate.load
+    monkeypatch.setattr(generate, "load", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    code, out, _ = run_cli(["generate", "hello there", "--mode", "speculative", "--exit", "4", "--json", "--compare",
+                            "--layer-path", "generic", *base_args(exits_dir)], capsys, monkeypatch)
+    assert code in (0, None)
+    assert loaded[0].engine.layer_path == "generic" and json.loads(out)["identical_to_full"] is True
+
+
 def test_generate_streams_text_and_reports_stats_on_stderr(exits_dir, capsys, monkeypatch):
     code, out, err = run_cli(["generate", "hello", "--mode", "full", *base_args(exits_dir)], capsys, monkeypatch)
     assert code in (0, None)
@@ -57,6 +68,7 @@ def test_generate_streams_text_and_reports_stats_on_stderr(exits_dir, capsys, mo
     (["--temperature", "1", "--top-p", "1.5"], "--top-p must lie in (0, 1]"),
     (["--mode", "turbo"], "unknown mode"),
     (["--max-new-tokens", "5000"], "exceeds the model's context"),
+    (["--layer-path", "fast"], "--layer-path: choose one of auto, lean, generic; got 'fast'"),
 ])
 def test_bad_input_one_line_nonzero(exits_dir, capsys, monkeypatch, extra, message):
     code, out, err = run_cli(["generate", "hello", *base_args(exits_dir), *extra], capsys, monkeypatch)
