@@ -117,13 +117,7 @@ def test_early_exit_equals_the_exported_sub_model(kind):
     sub = build_submodel(bm.model, bm.exit_modules, 2)
     if kind != "granite":
         assert sub.config.layer_types == LAYER_TYPES[:2] + LAYER_TYPES[-1:]
-    seq = ids + out.token_ids
-    with torch.inference_mode():
-        reference = sub(torch.tensor([seq])).logits[0, len(ids) - 1:-1]  # [6, vocab]
-        bm.engine.reset(len(seq))
-        prefill = bm.engine.prefill(torch.tensor([ids]), "early-exit", 2)
-    torch.testing.assert_close(prefill[0], reference[0], atol=1e-5, rtol=1e-5)
-    assert out.token_ids == reference.argmax(-1).tolist()
+    assert_sub_model_matches_early_exit(bm, sub, ids, out.token_ids, 2)
 
 
 def test_draft_kind_exit_through_the_generic_path_is_exact():
@@ -233,3 +227,14 @@ def test_a_saved_gemma2_loads_with_eager_attention_and_runs(tmp_path):
 def test_next_input_norm_init_is_refused_without_input_norms():
     with pytest.raises(BalspecError, match="model type olmo2 has none"):
         attach_exits(build("olmo2"), [2], norm_init="next-input")
+
+
+def assert_sub_model_matches_early_exit(bm, sub, ids: list[int], generated: list[int], exit_layer: int) -> None:
+    """The standalone sub-model `sub` gives early-exit mode's first logits and its greedy tokens `generated`."""
+    seq = ids + generated
+    with torch.inference_mode():
+        reference = sub(torch.tensor([seq])).logits[0, len(ids) - 1:-1]  # [len(generated), vocab]
+        bm.engine.reset(len(seq))
+        prefill = bm.engine.prefill(torch.tensor([ids]), "early-exit", exit_layer)
+    torch.testing.assert_close(prefill[0], reference[0], atol=1e-5, rtol=1e-5)
+    assert generated == reference.argmax(-1).tolist()

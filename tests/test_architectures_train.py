@@ -13,7 +13,8 @@ from balspec.generate import BalconyModel
 from balspec.loss import Distiller, teacher_forward
 from balspec.tiny import tiny_tokenizer
 from balspec.train import train
-from tests.test_architectures import build, configs, make_bm, prompt
+from tests.test_architectures import assert_sub_model_matches_early_exit, build, configs, make_bm, prompt
+from tests.test_draft_exits import assert_engine_drafts_as_trained
 from tests.test_train import tiny_config
 
 TRAINED = ["gemma2", "gemma3", "phi3", "olmo2", "granite", "qwen2"]
@@ -151,12 +152,7 @@ def test_draft_training_forward_matches_the_engine_draft(kind):
         positions = torch.arange(len(seq))[None]
         unverified = (positions - pending).clamp(min=0)  # 0 up to the pending token, then 1, 2, ...
         trained = balcony(trunk[1], rope, final, unverified)  # [1, len(seq), hidden]
-        engine.reset(32)
-        engine.prefill(torch.tensor([seq[:pending]]), "speculative", e)
-        for i, position in enumerate(range(pending, pending + 3)):
-            h = engine.run_layers(engine.embed(torch.tensor([[seq[position]]])), 0, e, position)
-            drafted = engine.run_balcony(e, h, position, pending=i == 0)
-            torch.testing.assert_close(drafted[0, 0], trained[0, position], atol=1e-4, rtol=1e-4)
+        assert_engine_drafts_as_trained(engine, e, seq, pending, trained)
 
 
 def test_exits_are_checked_against_the_models_depth_at_train_start(tmp_path):
@@ -230,10 +226,4 @@ def test_trained_gemma3_exit_exported_to_disk_gives_the_early_exit_logits(tmp_pa
     bm = BalconyModel(model, tiny_tokenizer(), exits)
     ids = prompt(12)
     out = bm.generate(ids, mode="early-exit", exit=2, max_new_tokens=6, eos=False)
-    seq = ids + out.token_ids
-    with torch.inference_mode():
-        reference = sub(torch.tensor([seq])).logits[0, len(ids) - 1:-1]  # [6, vocab]
-        bm.engine.reset(len(seq))
-        prefill = bm.engine.prefill(torch.tensor([ids]), "early-exit", 2)
-    torch.testing.assert_close(prefill[0], reference[0], atol=1e-5, rtol=1e-5)
-    assert out.token_ids == reference.argmax(-1).tolist()
+    assert_sub_model_matches_early_exit(bm, sub, ids, out.token_ids, 2)

@@ -97,6 +97,17 @@ def test_deep_cache_after_rejections_all_accepted_and_siblings(monkeypatch):
         assert_deep_cache(bm, 3, seq)
 
 
+def assert_engine_drafts_as_trained(engine, e: int, seq: list[int], pending: int, trained: torch.Tensor) -> None:
+    """The engine's balcony outputs for a chain of three drafts from `pending` equal training's forward `trained`
+    [1, len(seq), hidden] at those positions (call under inference mode)."""
+    engine.reset(32)
+    engine.prefill(torch.tensor([seq[:pending]]), "speculative", e)
+    for i, position in enumerate(range(pending, pending + 3)):
+        h = engine.run_layers(engine.embed(torch.tensor([[seq[position]]])), 0, e, position)
+        drafted = engine.run_balcony(e, h, position, pending=i == 0)
+        torch.testing.assert_close(drafted[0, 0], trained[0, position], atol=1e-4, rtol=1e-4)
+
+
 def test_training_forward_matches_the_engine_draft(bm):
     """Balcony.forward with r unverified rows is what the engine computes for the (r+1)-th draft of a cycle:
     r = 0 for the pending token (input + fuse(previous deep state)), r = 1 and 2 for chain drafts."""
@@ -109,12 +120,7 @@ def test_training_forward_matches_the_engine_draft(bm):
         rope = model.model.rotary_emb(hidden[e], positions)
         unverified = (positions - pending).clamp(min=0)  # 0 up to the pending token, then 1, 2, ...
         trained = balcony(hidden[e], rope, hidden[-1], unverified)  # [1, len(seq), hidden]
-        engine.reset(32)
-        engine.prefill(torch.tensor([seq[:pending]]), "speculative", e)
-        for i, position in enumerate(range(pending, pending + 3)):
-            h = engine.run_layers(engine.embed(torch.tensor([[seq[position]]])), 0, e, position)
-            drafted = engine.run_balcony(e, h, position, pending=i == 0)
-            torch.testing.assert_close(drafted[0, 0], trained[0, position], atol=1e-4, rtol=1e-4)
+        assert_engine_drafts_as_trained(engine, e, seq, pending, trained)
         # and the context matters: with every position treated as verified the prediction differs
         verified = balcony(hidden[e], rope, hidden[-1], torch.zeros_like(unverified))
         assert not torch.allclose(verified[0, pending + 2], trained[0, pending + 2], atol=1e-3)
