@@ -196,6 +196,10 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = c.optim.batch_size
     set_seed(c.train.seed)
     model, tokenizer = load_model(c.model.name, c.model.dtype, device=accelerator.device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and c.data.block_size > context:
+        raise BalspecError(f"data.block_size: must be at most the model's context of {context} tokens, "
+                           f"got {c.data.block_size}")
     parts = model_parts(model)
     base_trains = trains_base(c)
     if base_trains:

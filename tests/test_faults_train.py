@@ -108,6 +108,13 @@ def test_an_old_pickled_checkpoint_is_refused_unread(finished_run, tmp_path, cap
     assert not marker.exists()
 
 
+def test_a_block_longer_than_the_models_context_is_refused_before_the_run_starts(tmp_path):
+    output = tmp_path / "run"
+    with pytest.raises(BalspecError, match="data.block_size: must be at most the model's context of 1024 tokens"):
+        train(tiny_config(output, "data.block_size=4096"))
+    assert not output.exists()
+
+
 def interrupt_at(monkeypatch, call: int):
     """Make train_step raise KeyboardInterrupt on its `call`-th call (1-based)."""
     real_step, calls = train_module.train_step, []
