@@ -285,6 +285,19 @@ def test_draft_exit_draws_do_not_depend_on_torch_global_generator(tmp_path, monk
     assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight"))
 
 
+@pytest.mark.parametrize("method", ["balcony", "sorted"])
+def test_a_run_directory_follows_the_umask(tmp_path, method):
+    """safetensors creates its files 0600: the optimizer and RNG state, and the trained model (method sorted)."""
+    old = os.umask(0o002)
+    try:
+        run = train(tiny_config(tmp_path / "run", f"method={method}", "train.max_steps=1", "train.eval_every=0"))
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(run): p.stat().st_mode & 0o777 for p in [run, *run.rglob("*")]}
+    assert "checkpoints/step-0000001/optimizer.safetensors" in map(str, modes)
+    assert {str(p): oct(m) for p, m in modes.items() if m != (0o775 if (run / p).is_dir() else 0o664)} == {}
+
+
 def test_pruning_and_resume_ignore_what_a_user_put_in_checkpoints(tmp_path, finished_run):
     """Only `step-NNNNNNN` directories balspec wrote are read or pruned; a user's `step-best` survives."""
     run = copy_run(finished_run, tmp_path / "run", keep_step=2)
