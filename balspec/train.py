@@ -43,7 +43,7 @@ from balspec.config import (
 from balspec.data import Batch, load_blocks
 from balspec.errors import BalspecError
 from balspec.exits import Exits, attach_exits, init_exits_from, model_parts, read_draft_vocab, read_meta, save_exits
-from balspec.files import check_output_dir
+from balspec.files import check_output_dir, writing
 from balspec.loss import Distiller, ExitLosses, next_token_labels, teacher_forward
 from balspec.models import device_name, load_model
 from balspec.sorted import MODEL_PARTIAL, BaseDistiller, frozen_copy, load_base, needs_original, save_base, trains_base
@@ -301,10 +301,11 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                             record(), c, tokenizer)
         final = gathered_exits(accelerator, distiller, model, c)
         if accelerator.is_main_process:
-            if base_trains:  # the model's files first: balspec.json, written last, marks a finished run
-                save_base(model, tokenizer, output)
-            save_exits(final, model, output, dtype=parts.head.weight.dtype, training=record(),
-                       draft_vocab_info=draft_vocab_info(c), train_base=base_trains)
+            with writing(f"--output: cannot write the final exits into {output}"):
+                if base_trains:  # the model's files first: balspec.json, written last, marks a finished run
+                    save_base(model, tokenizer, output)
+                save_exits(final, model, output, dtype=parts.head.weight.dtype, training=record(),
+                           draft_vocab_info=draft_vocab_info(c), train_base=base_trains)
         accelerator.wait_for_everyone()
     return output
 
@@ -438,26 +439,28 @@ def cosine_schedule(c: TrainingConfig):
 def save_checkpoint(accelerator, distiller, optimizer, scheduler, blocks, progress: RunProgress, model,
                     output: Path, training: dict, c: TrainingConfig, tokenizer=None) -> Path:
     """An exits checkpoint and the state that resumes training from it (trainstate.py), written to a temp
-    directory and renamed into place; with the trained model (and `tokenizer`) when the base trains."""
+    directory and renamed into place; with the trained model (and `tokenizer`) when the base trains. A write
+    that fails (a full disk) stops the run in one line; the partial is removed by the next start."""
     root = output / CHECKPOINTS
     final, partial = root / f"step-{progress.step:07d}", root / f".step-{progress.step:07d}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    save_state(partial, accelerator, optimizer, scheduler, blocks, progress)
-    exits = gathered_exits(accelerator, distiller, model, c)
-    accelerator.wait_for_everyone()  # every process's part is in `partial` before it is renamed
-    if accelerator.is_main_process:
-        if trains_base(c):
-            save_base(model, tokenizer, partial)
-        save_exits(exits, model, partial, training=training, draft_vocab_info=draft_vocab_info(c),
-                   train_base=trains_base(c))
-        shutil.rmtree(final, ignore_errors=True)  # only when an older run reached this step: replace it
-        os.replace(partial, final)
-        for old in checkpoints(output)[:-c.train.keep_checkpoints]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+    with writing(f"--output: cannot write the checkpoint {final}"):
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        save_state(partial, accelerator, optimizer, scheduler, blocks, progress)
+        exits = gathered_exits(accelerator, distiller, model, c)
+        accelerator.wait_for_everyone()  # every process's part is in `partial` before it is renamed
+        if accelerator.is_main_process:
+            if trains_base(c):
+                save_base(model, tokenizer, partial)
+            save_exits(exits, model, partial, training=training, draft_vocab_info=draft_vocab_info(c),
+                       train_base=trains_base(c))
+            shutil.rmtree(final, ignore_errors=True)  # only when an older run reached this step: replace it
+            os.replace(partial, final)
+            for old in checkpoints(output)[:-c.train.keep_checkpoints]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
     return final
 
 
@@ -500,7 +503,7 @@ def progress_bar(enabled: bool):
 
 def _append_metrics(accelerator, output: Path, line: dict) -> None:
     if accelerator.is_main_process:
-        with open(output / METRICS_FILE, "a") as f:
+        with writing(f"--output: cannot write {output / METRICS_FILE}"), open(output / METRICS_FILE, "a") as f:
             f.write(json.dumps(line) + "\n")
 
 
@@ -518,11 +521,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
             if line.strip():
                 log.warning("%s: line %d is not a metrics line (torn by a crash?); dropped", path, number)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    with writing(f"--output: cannot write {path}"):
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
 
 
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with writing(f"--output: cannot write {path}"):
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)

@@ -285,6 +285,21 @@ def test_draft_exit_draws_do_not_depend_on_torch_global_generator(tmp_path, monk
     assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight"))
 
 
+def test_a_full_disk_stops_training_in_one_line(tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--recipe", TINY_RECIPE, "--data", TINY_TEXT, "--output", str(run),
+                            "--max-steps", "1", "--set", "train.eval_every=0"], capsys, monkeypatch)
+    line = one_error_line(code, err)
+    assert "cannot write the checkpoint" in line and line.endswith("(No space left on device)")
+
+
 @pytest.mark.parametrize("method", ["balcony", "sorted"])
 def test_a_run_directory_follows_the_umask(tmp_path, method):
     """safetensors creates its files 0600: the optimizer and RNG state, and the trained model (method sorted)."""
