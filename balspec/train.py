@@ -101,6 +101,14 @@ def configure(recipe: str | None, sets: list[str], flags: dict, resume: bool) ->
     if changed:
         raise BalspecError(f"--resume: {changed[0]} differs from the run being resumed "
                            f"({get_value(saved, changed[0])!r} there); start a new run to change it")
+    # a step directory past the latest checkpoint is not balspec's (it renames each checkpoint into place whole),
+    # and saving that step would replace it
+    start = int(checkpoint.name.split("-")[1]) if checkpoint is not None else 0
+    ahead = [p for p in (output / CHECKPOINTS).glob("step-*")
+             if re.fullmatch(r"step-\d+", p.name) and start < int(p.name.split("-")[1]) <= config.train.max_steps]
+    if ahead:
+        raise BalspecError(f"--resume: {ahead[0]} is not a checkpoint balspec wrote (no balspec.json) and lies "
+                           "among the steps this run will save; move it away")
     return config, checkpoint
 
 
@@ -456,8 +464,7 @@ def save_checkpoint(accelerator, distiller, optimizer, scheduler, blocks, progre
                 save_base(model, tokenizer, partial)
             save_exits(exits, model, partial, training=training, draft_vocab_info=draft_vocab_info(c),
                        train_base=trains_base(c))
-            shutil.rmtree(final, ignore_errors=True)  # only when an older run reached this step: replace it
-            os.replace(partial, final)
+            os.replace(partial, final)  # configure refused a `final` that balspec did not write
             for old in checkpoints(output)[:-c.train.keep_checkpoints]:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()

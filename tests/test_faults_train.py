@@ -285,6 +285,16 @@ def test_draft_exit_draws_do_not_depend_on_torch_global_generator(tmp_path, monk
     assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight"))
 
 
+def test_resume_refuses_a_users_directory_named_as_a_later_checkpoint(tmp_path, finished_run):
+    """Saving step 4 would replace `checkpoints/step-0000004`; one balspec did not write is refused up front."""
+    run = copy_run(finished_run, tmp_path / "run", keep_step=2)
+    (run / "checkpoints" / "step-0000004").mkdir()
+    (run / "checkpoints" / "step-0000004" / "mine.txt").write_text("keep me")
+    with pytest.raises(BalspecError, match="step-0000004 is not a checkpoint balspec wrote"):
+        configure(None, [], {"train.output": str(run)}, resume=True)
+    assert (run / "checkpoints" / "step-0000004" / "mine.txt").read_text() == "keep me"
+
+
 def test_a_full_disk_stops_training_in_one_line(tmp_path, capsys, monkeypatch):
     import safetensors.torch
     from safetensors import SafetensorError
