@@ -84,6 +84,12 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def control_token_ids(model, tokenizer) -> set[int]:
+    """The EOS and chat-control ids: a draft vocabulary must hold them, or no draft can end a reply."""
+    vocab = model.config.vocab_size
+    return {t for t in eos_token_ids(model, tokenizer) | set(tokenizer.all_special_ids) if 0 <= t < vocab}
+
+
 def default_exits_path(model_name: str | None) -> Path | None:
     """The exits shipped inside the package for the embedded default model, or those saved beside a model that
     was trained with them (method sorted, exits.train_base: the run directory holds both), if any."""
@@ -123,9 +129,7 @@ class BalconyModel:
         self.model, self.tokenizer, self.exit_modules, self.meta = model, tokenizer, exits, meta or {}
         self.eos_ids = eos_token_ids(model, tokenizer)
         if draft_vocab is not None:  # whatever the checkpoint stored, the drafts can end a reply
-            vocab = model.config.vocab_size
-            control = {t for t in self.eos_ids | set(tokenizer.all_special_ids) if 0 <= t < vocab}
-            draft_vocab = with_control_tokens(draft_vocab, control)
+            draft_vocab = with_control_tokens(draft_vocab, control_token_ids(model, tokenizer))
         self.engine = Engine(model, exits, draft_vocab, logits_dtype=logits_dtype, layer_path=layer_path)
         self.device = self.engine.device
 

@@ -42,8 +42,18 @@ from balspec.config import (
 )
 from balspec.data import Batch, load_blocks
 from balspec.errors import BalspecError
-from balspec.exits import Exits, attach_exits, init_exits_from, model_parts, read_draft_vocab, read_meta, save_exits
+from balspec.exits import (
+    Exits,
+    attach_exits,
+    init_exits_from,
+    model_parts,
+    read_draft_vocab,
+    read_meta,
+    save_exits,
+    with_control_tokens,
+)
 from balspec.files import check_output_dir, writing
+from balspec.generate import control_token_ids
 from balspec.loss import Distiller, ExitLosses, next_token_labels, teacher_forward
 from balspec.models import device_name, load_model
 from balspec.sorted import MODEL_PARTIAL, BaseDistiller, frozen_copy, load_base, needs_original, save_base, trains_base
@@ -221,8 +231,9 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                          seed=c.train.seed, draft_exits=c.exits.draft, module=module).float()  # fp32 master weights
     if c.exits.init_from and resume_from is None:  # resumed: the checkpoint's weights replace them anyway
         init_exits_from(exits, model, c.exits.init_from)
-    if c.loss.draft_vocab is not None:  # kept with the trained exits: they draft through it
-        exits.draft_vocab = read_draft_vocab(model, draft_vocab_path(c.loss.draft_vocab), "loss.draft_vocab")
+    if c.loss.draft_vocab is not None:  # kept with the trained exits: they draft through it, EOS included
+        vocab = read_draft_vocab(model, draft_vocab_path(c.loss.draft_vocab), "loss.draft_vocab")
+        exits.draft_vocab = with_control_tokens(vocab, control_token_ids(model, tokenizer))
     blocks, eval_blocks = load_blocks(c.data, tokenizer, c.train.seed, accelerator.process_index,
                                       accelerator.num_processes)  # eval_blocks: all of them, a Batch
 
