@@ -237,8 +237,9 @@ def run_bench(bm, prompt_set: PromptSet, opts: BenchOptions, command: str = "", 
             tick(f"warm-up {label(setting)}")
     runs: dict[Setting, list[Run]] = {s: [] for s in plan}
     for i, (prompt, prompt_ids) in enumerate(zip(prompt_set.prompts, ids)):
+        seed = (opts.seed + i) % 2 ** 64  # a --seed near the top of torch's range wraps around
         for setting in plan:
-            runs[setting].append(decode(bm, setting, prompt_ids, prompt, opts, opts.seed + i))
+            runs[setting].append(decode(bm, setting, prompt_ids, prompt, opts, seed))
             tick(f"prompt {i + 1}/{len(ids)} {label(setting)}")
     baseline_runs = runs[plan[0]]
     greedy = opts.temperature == 0

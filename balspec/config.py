@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -195,7 +196,9 @@ def read_recipe(path: str | Path) -> dict:
     if not path.is_file():
         raise BalspecError(f"--recipe: {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise BalspecError(f"--recipe: {path} is not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise BalspecError(f"--recipe: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -301,20 +304,24 @@ def validate(config: TrainingConfig) -> None:
         ("data.heldout_blocks", c.data.heldout_blocks >= 0, "0 or more"),
         ("data.shuffle_buffer", c.data.shuffle_buffer >= 0, "0 or more"),
         ("data.train_on", c.data.train_on in TRAIN_ON, f"one of {', '.join(TRAIN_ON)}"),
-        ("optim.lr", c.optim.lr > 0, "positive"),
+        ("optim.lr", 0 < c.optim.lr < math.inf, "a finite number > 0"),
         ("optim.min_lr_ratio", 0 <= c.optim.min_lr_ratio <= 1, "between 0 and 1"),
         ("optim.warmup_steps", c.optim.warmup_steps >= 0, "0 or more"),
-        ("optim.weight_decay", c.optim.weight_decay >= 0, "0 or more"),
-        ("optim.grad_clip", c.optim.grad_clip >= 0, "0 or more"),
+        ("optim.weight_decay", 0 <= c.optim.weight_decay < math.inf, "a finite number >= 0"),
+        ("optim.beta1", 0 <= c.optim.beta1 < 1, "in [0, 1)"),
+        ("optim.beta2", 0 <= c.optim.beta2 < 1, "in [0, 1)"),
+        ("optim.eps", 0 < c.optim.eps < math.inf, "a finite number > 0"),
+        ("optim.grad_clip", 0 <= c.optim.grad_clip < math.inf, "a finite number >= 0"),
         ("optim.batch_size", c.optim.batch_size >= 1, "at least 1"),
         ("optim.grad_accum", c.optim.grad_accum >= 1, "at least 1"),
-        ("loss.ce_weight", c.loss.ce_weight >= 0, "0 or more"),
+        ("loss.ce_weight", 0 <= c.loss.ce_weight < math.inf, "a finite number >= 0"),
         ("loss.chunk_size", c.loss.chunk_size >= 1, "at least 1"),
         ("loss.draft_vocab", c.loss.draft_vocab is None or set(c.exits.draft) == set(c.exits.layers),
          "null unless every exit is of the draft kind (a sub-model exit's early-exit mode needs every token)"),
         ("loss.draft_vocab", c.loss.draft_vocab is None or c.loss.ce_weight == 0,
          "null when loss.ce_weight > 0 (no cross-entropy over a reduced vocabulary)"),
         ("train.max_steps", c.train.max_steps >= 1, "at least 1"),
+        ("train.seed", 0 <= c.train.seed < 2 ** 32, "in [0, 2**32) (numpy's seeds)"),
         ("train.mixed_precision", c.train.mixed_precision in MIXED_PRECISION, f"one of {', '.join(MIXED_PRECISION)}"),
         ("train.log_every", c.train.log_every >= 1, "at least 1"),
         ("train.eval_every", c.train.eval_every >= 0, "0 or more"),

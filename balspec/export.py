@@ -20,7 +20,7 @@ from torch import nn
 
 from balspec.errors import BalspecError
 from balspec.exits import Exits, base_model_info, model_parts
-from balspec.files import apply_umask, check_output_dir, partial_path, remove_stale_partials
+from balspec.files import apply_umask, check_output_dir, partial_path, remove_stale_partials, writing
 
 EXPORT_FILE = "balspec_export.json"  # provenance; also marks a directory --force may replace
 _PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")  # config lists with one entry per decoder layer
@@ -111,14 +111,15 @@ def export_submodel(model: nn.Module, tokenizer, exits: Exits, exit_layer: int, 
     partial = partial_path(output, hidden=True)
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        partial.mkdir()
-        (partial / EXPORT_FILE).write_text("{}\n")  # marks the partial as balspec's until provenance replaces it
-        sub.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        _make_portable(partial)
-        _write_provenance(partial / EXPORT_FILE, model, exits, exit_layer)
-        apply_umask(partial)
-        _move_into_place(partial, output)
+        with writing(f"--output: cannot write {output}"):
+            partial.mkdir()
+            (partial / EXPORT_FILE).write_text("{}\n")  # marks the partial as balspec's until provenance replaces it
+            sub.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            _make_portable(partial)
+            _write_provenance(partial / EXPORT_FILE, model, exits, exit_layer)
+            apply_umask(partial)
+            _move_into_place(partial, output)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return output

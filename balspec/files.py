@@ -12,7 +12,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports a full disk in its own type
 
 
 def current_umask() -> int:
@@ -96,3 +101,22 @@ def check_output_dir(path: str | Path, flag: str) -> None:
         raise BalspecError(f"{flag}: {path} cannot be a directory: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise BalspecError(f"{flag}: {existing} is not writable")
+
+
+def failed_write(error: Exception) -> str:
+    """Why a write failed, in a few words ("No space left on device"), from an OSError or a SafetensorError."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    match = re.search(r"I/O error: (.+?) \(os error \d+\)", str(error))
+    return match[1] if match else str(error).splitlines()[0]
+
+
+@contextmanager
+def writing(what: str):
+    """A write that fails after the work (a full disk, a read-only filesystem) as one line: `what (why)`."""
+    from balspec.errors import BalspecError
+
+    try:
+        yield
+    except WRITE_ERRORS as e:
+        raise BalspecError(f"{what} ({failed_write(e)})") from None

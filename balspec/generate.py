@@ -84,6 +84,12 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def control_token_ids(model, tokenizer) -> set[int]:
+    """The EOS and chat-control ids: a draft vocabulary must hold them, or no draft can end a reply."""
+    vocab = model.config.vocab_size
+    return {t for t in eos_token_ids(model, tokenizer) | set(tokenizer.all_special_ids) if 0 <= t < vocab}
+
+
 def default_exits_path(model_name: str | None) -> Path | None:
     """The exits shipped inside the package for the embedded default model, or those saved beside a model that
     was trained with them (method sorted, exits.train_base: the run directory holds both), if any."""
@@ -123,9 +129,7 @@ class BalconyModel:
         self.model, self.tokenizer, self.exit_modules, self.meta = model, tokenizer, exits, meta or {}
         self.eos_ids = eos_token_ids(model, tokenizer)
         if draft_vocab is not None:  # whatever the checkpoint stored, the drafts can end a reply
-            vocab = model.config.vocab_size
-            control = {t for t in self.eos_ids | set(tokenizer.all_special_ids) if 0 <= t < vocab}
-            draft_vocab = with_control_tokens(draft_vocab, control)
+            draft_vocab = with_control_tokens(draft_vocab, control_token_ids(model, tokenizer))
         self.engine = Engine(model, exits, draft_vocab, logits_dtype=logits_dtype, layer_path=layer_path)
         self.device = self.engine.device
 
@@ -145,10 +149,7 @@ class BalconyModel:
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
         if not prompt or not prompt.strip():
             raise BalspecError("the prompt is empty")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:  # undecodable bytes of argv or a file arrive as lone surrogates
-            raise BalspecError(f"the prompt is not valid UTF-8 text (at character {e.start})") from None
+        check_utf8(prompt, "the prompt")
         if chat and self.tokenizer.chat_template:
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                      add_generation_prompt=True, tokenize=True)
@@ -180,6 +181,8 @@ class BalconyModel:
         if max_new_tokens < 1:
             raise BalspecError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         check_seed(seed)
+        for text in stop or []:
+            check_utf8(text, "--stop: a stop string")
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise BalspecError("the prompt is empty")
@@ -277,6 +280,13 @@ class BalconyModel:
         return draft_width
 
 
+def check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # undecodable bytes of argv or a file arrive as lone surrogates
+        raise BalspecError(f"{what} is not valid UTF-8 text (at character {e.start})") from None
+
+
 class _Stopper:
     """Collects emitted tokens and decides when to stop: EOS, a stop string or the token budget.
 
@@ -285,6 +295,9 @@ class _Stopper:
 
     def __init__(self, tokenizer, eos_ids: set[int], stop: list[str], budget: int):
         self.tokenizer, self.eos_ids, self.stop, self.budget = tokenizer, eos_ids, [s for s in stop if s], budget
+        # a token decodes to at least one byte, so a stop string spans at most as many tokens as it has bytes
+        # (not characters: a character may take several tokens)
+        self._window = max(len(s.encode()) for s in self.stop) + 8 if self.stop else 0
         self.tokens: list[int] = []
         self.reason = "length"
         self.done = False
@@ -309,7 +322,7 @@ class _Stopper:
         return len(new)
 
     def _hit_stop(self) -> bool:
-        tail = self.tokenizer.decode(self.tokens[-(max(map(len, self.stop)) + 8):], skip_special_tokens=True)
+        tail = self.tokenizer.decode(self.tokens[-self._window:], skip_special_tokens=True)
         if not any(s in tail for s in self.stop):
             return False
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)

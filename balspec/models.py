@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from balspec.errors import BalspecError
-from balspec.files import apply_umask, partial_path, remove_stale_partials
+from balspec.files import WRITE_ERRORS, apply_umask, failed_write, partial_path, remove_stale_partials
 from balspec.tiny import TINY_NAME, tiny_model_dir
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,8 @@ def write_model_dir(target: Path, model, tokenizer) -> Path:
             os.replace(partial, target)
         except OSError:  # another process wrote it first, or something else lies there
             pass
-    except OSError as e:  # a read-only BALSPEC_HOME, a full disk
-        raise BalspecError(f"cannot write the model cache {target} ({e.strerror or e}); set BALSPEC_HOME "
+    except WRITE_ERRORS as e:  # a read-only BALSPEC_HOME, a full disk
+        raise BalspecError(f"cannot write the model cache {target} ({failed_write(e)}); set BALSPEC_HOME "
                            "to a writable directory with room for it") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)

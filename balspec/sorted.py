@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from balspec.errors import BalspecError
 from balspec.exits import Exits, model_parts
+from balspec.files import WRITE_ERRORS, apply_umask, failed_write
 from balspec.loss import ExitLosses, next_token_labels
 
 MODEL_PARTIAL = ".model.partial"  # where save_base writes before renaming the files into place
@@ -132,10 +133,11 @@ def save_base(model: nn.Module, tokenizer, directory: Path) -> None:
     try:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        apply_umask(partial)  # safetensors writes 0600
         for file in sorted(partial.iterdir(), key=lambda p: p.name == "config.json"):
             os.replace(file, directory / file.name)
-    except OSError as e:
-        raise BalspecError(f"cannot write the trained model into {directory} ({e.strerror or e})") from None
+    except WRITE_ERRORS as e:
+        raise BalspecError(f"cannot write the trained model into {directory} ({failed_write(e)})") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 

@@ -42,8 +42,18 @@ from balspec.config import (
 )
 from balspec.data import Batch, load_blocks
 from balspec.errors import BalspecError
-from balspec.exits import Exits, attach_exits, init_exits_from, model_parts, read_draft_vocab, read_meta, save_exits
-from balspec.files import check_output_dir
+from balspec.exits import (
+    Exits,
+    attach_exits,
+    init_exits_from,
+    model_parts,
+    read_draft_vocab,
+    read_meta,
+    save_exits,
+    with_control_tokens,
+)
+from balspec.files import check_output_dir, writing
+from balspec.generate import control_token_ids
 from balspec.loss import Distiller, ExitLosses, next_token_labels, teacher_forward
 from balspec.models import device_name, load_model
 from balspec.sorted import MODEL_PARTIAL, BaseDistiller, frozen_copy, load_base, needs_original, save_base, trains_base
@@ -101,6 +111,14 @@ def configure(recipe: str | None, sets: list[str], flags: dict, resume: bool) ->
     if changed:
         raise BalspecError(f"--resume: {changed[0]} differs from the run being resumed "
                            f"({get_value(saved, changed[0])!r} there); start a new run to change it")
+    # a step directory past the latest checkpoint is not balspec's (it renames each checkpoint into place whole),
+    # and saving that step would replace it
+    start = int(checkpoint.name.split("-")[1]) if checkpoint is not None else 0
+    ahead = [p for p in (output / CHECKPOINTS).glob("step-*")
+             if re.fullmatch(r"step-\d+", p.name) and start < int(p.name.split("-")[1]) <= config.train.max_steps]
+    if ahead:
+        raise BalspecError(f"--resume: {ahead[0]} is not a checkpoint balspec wrote (no balspec.json) and lies "
+                           "among the steps this run will save; move it away")
     return config, checkpoint
 
 
@@ -196,6 +214,10 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = c.optim.batch_size
     set_seed(c.train.seed)
     model, tokenizer = load_model(c.model.name, c.model.dtype, device=accelerator.device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and c.data.block_size > context:
+        raise BalspecError(f"data.block_size: must be at most the model's context of {context} tokens, "
+                           f"got {c.data.block_size}")
     parts = model_parts(model)
     base_trains = trains_base(c)
     if base_trains:
@@ -209,8 +231,9 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                          seed=c.train.seed, draft_exits=c.exits.draft, module=module).float()  # fp32 master weights
     if c.exits.init_from and resume_from is None:  # resumed: the checkpoint's weights replace them anyway
         init_exits_from(exits, model, c.exits.init_from)
-    if c.loss.draft_vocab is not None:  # kept with the trained exits: they draft through it
-        exits.draft_vocab = read_draft_vocab(model, draft_vocab_path(c.loss.draft_vocab), "loss.draft_vocab")
+    if c.loss.draft_vocab is not None:  # kept with the trained exits: they draft through it, EOS included
+        vocab = read_draft_vocab(model, draft_vocab_path(c.loss.draft_vocab), "loss.draft_vocab")
+        exits.draft_vocab = with_control_tokens(vocab, control_token_ids(model, tokenizer))
     blocks, eval_blocks = load_blocks(c.data, tokenizer, c.train.seed, accelerator.process_index,
                                       accelerator.num_processes)  # eval_blocks: all of them, a Batch
 
@@ -297,10 +320,11 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                             record(), c, tokenizer)
         final = gathered_exits(accelerator, distiller, model, c)
         if accelerator.is_main_process:
-            if base_trains:  # the model's files first: balspec.json, written last, marks a finished run
-                save_base(model, tokenizer, output)
-            save_exits(final, model, output, dtype=parts.head.weight.dtype, training=record(),
-                       draft_vocab_info=draft_vocab_info(c), train_base=base_trains)
+            with writing(f"--output: cannot write the final exits into {output}"):
+                if base_trains:  # the model's files first: balspec.json, written last, marks a finished run
+                    save_base(model, tokenizer, output)
+                save_exits(final, model, output, dtype=parts.head.weight.dtype, training=record(),
+                           draft_vocab_info=draft_vocab_info(c), train_base=base_trains)
         accelerator.wait_for_everyone()
     return output
 
@@ -434,26 +458,27 @@ def cosine_schedule(c: TrainingConfig):
 def save_checkpoint(accelerator, distiller, optimizer, scheduler, blocks, progress: RunProgress, model,
                     output: Path, training: dict, c: TrainingConfig, tokenizer=None) -> Path:
     """An exits checkpoint and the state that resumes training from it (trainstate.py), written to a temp
-    directory and renamed into place; with the trained model (and `tokenizer`) when the base trains."""
+    directory and renamed into place; with the trained model (and `tokenizer`) when the base trains. A write
+    that fails (a full disk) stops the run in one line; the partial is removed by the next start."""
     root = output / CHECKPOINTS
     final, partial = root / f"step-{progress.step:07d}", root / f".step-{progress.step:07d}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    save_state(partial, accelerator, optimizer, scheduler, blocks, progress)
-    exits = gathered_exits(accelerator, distiller, model, c)
-    accelerator.wait_for_everyone()  # every process's part is in `partial` before it is renamed
-    if accelerator.is_main_process:
-        if trains_base(c):
-            save_base(model, tokenizer, partial)
-        save_exits(exits, model, partial, training=training, draft_vocab_info=draft_vocab_info(c),
-                   train_base=trains_base(c))
-        shutil.rmtree(final, ignore_errors=True)  # only when an older run reached this step: replace it
-        os.replace(partial, final)
-        for old in checkpoints(output)[:-c.train.keep_checkpoints]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+    with writing(f"--output: cannot write the checkpoint {final}"):
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        save_state(partial, accelerator, optimizer, scheduler, blocks, progress)
+        exits = gathered_exits(accelerator, distiller, model, c)
+        accelerator.wait_for_everyone()  # every process's part is in `partial` before it is renamed
+        if accelerator.is_main_process:
+            if trains_base(c):
+                save_base(model, tokenizer, partial)
+            save_exits(exits, model, partial, training=training, draft_vocab_info=draft_vocab_info(c),
+                       train_base=trains_base(c))
+            os.replace(partial, final)  # configure refused a `final` that balspec did not write
+            for old in checkpoints(output)[:-c.train.keep_checkpoints]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
     return final
 
 
@@ -496,7 +521,7 @@ def progress_bar(enabled: bool):
 
 def _append_metrics(accelerator, output: Path, line: dict) -> None:
     if accelerator.is_main_process:
-        with open(output / METRICS_FILE, "a") as f:
+        with writing(f"--output: cannot write {output / METRICS_FILE}"), open(output / METRICS_FILE, "a") as f:
             f.write(json.dumps(line) + "\n")
 
 
@@ -514,11 +539,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
             if line.strip():
                 log.warning("%s: line %d is not a metrics line (torn by a crash?); dropped", path, number)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    with writing(f"--output: cannot write {path}"):
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
 
 
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with writing(f"--output: cannot write {path}"):
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)

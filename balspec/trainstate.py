@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from balspec.errors import BalspecError
+from balspec.files import apply_umask
 
 STATE_FORMAT = 1
 TRAINER_FILE = "trainer.json"
@@ -32,6 +33,7 @@ def save_state(directory: Path, accelerator, optimizer, scheduler, blocks, progr
 
     rank = accelerator.process_index
     save_file(rng_state(accelerator.device), directory / f"rank-{rank}.safetensors")
+    apply_umask(directory / f"rank-{rank}.safetensors")  # safetensors writes 0600
     _write_json(directory / f"rank-{rank}.json", {"data": blocks.state_dict()})
     if not accelerator.is_main_process:
         return
@@ -41,6 +43,7 @@ def save_state(directory: Path, accelerator, optimizer, scheduler, blocks, progr
     if not _sharded(accelerator):
         tensors, trainer["optimizer"] = split_optimizer_state(optimizer.state_dict())
         save_file(tensors, directory / OPTIMIZER_FILE)
+        apply_umask(directory / OPTIMIZER_FILE)
     _write_json(directory / TRAINER_FILE, trainer)
 
 

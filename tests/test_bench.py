@@ -107,6 +107,15 @@ def test_sampling_runs_report_no_greedy_comparison(bm):
     assert 0 <= spec.summary.acceptance_rate <= 1 and out.meta["temperature"] == 0.8
 
 
+def test_the_largest_seed_wraps_around_for_later_prompts(bm):
+    """Prompt i samples with seed + i: from --seed 2**64 - 1 the second prompt's seed wraps to 0 (it was refused
+    after the first prompt had been measured)."""
+    opts = BenchOptions(exits=[5], draft_lens=[2], max_new_tokens=3, temperature=0.8, warmup=0, peers=["hf"],
+                        seed=2 ** 64 - 1, cost_repeats=1, early_exit=False)
+    out = run_bench(bm, PromptSet("test", PROMPTS.prompts[:2]), opts)
+    assert all(r.summary.prompts == 2 for r in [out.baseline, *out.results])
+
+
 def test_option_parsing():
     assert parse_draft_lens("2,4, auto") == [2, 4, "auto"]
     for bad in ("0", "x", "4,4", ""):

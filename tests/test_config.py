@@ -82,6 +82,32 @@ def test_set_mistakes_name_the_key(item, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("item, message", [
+    ("optim.lr=inf", "optim.lr: must be a finite number > 0, got inf"),
+    ("optim.weight_decay=inf", "optim.weight_decay: must be a finite number >= 0"),
+    ("optim.beta1=2", "optim.beta1: must be in [0, 1), got 2.0"),
+    ("optim.beta2=-0.5", "optim.beta2: must be in [0, 1)"),
+    ("optim.eps=-1", "optim.eps: must be a finite number > 0"),
+    ("optim.eps=0", "optim.eps: must be a finite number > 0"),
+    ("optim.grad_clip=inf", "optim.grad_clip: must be a finite number >= 0"),
+    ("loss.ce_weight=inf", "loss.ce_weight: must be a finite number >= 0"),
+    ("train.seed=-1", "train.seed: must be in [0, 2**32)"),
+    ("train.seed=4294967296", "train.seed: must be in [0, 2**32)"),
+])
+def test_numbers_that_pass_the_type_check_but_cannot_train(item, message):
+    """AdamW's and numpy's own checks would raise a traceback after the model loads; inf trains to NaN."""
+    with pytest.raises(BalspecError) as err:
+        resolve_config(None, [item])
+    assert message in str(err.value)
+
+
+def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"model:\n  name: tiny-random\n# caf\xe9\n")
+    with pytest.raises(BalspecError, match="--recipe: .* is not UTF-8 text"):
+        resolve_config(path)
+
+
 def test_missing_recipe():
     with pytest.raises(BalspecError, match="--recipe: .* does not exist"):
         resolve_config("no/such/recipe.yaml")

@@ -256,9 +256,10 @@ def test_packaging_adds_draft_exits_beside_sub_model_exits(tmp_path):
 
 
 def test_draft_exits_train_over_a_reduced_draft_vocabulary_and_keep_it(tmp_path):
-    """loss.draft_vocab: the KL over the vocabulary an exits checkpoint holds; the trained exits store it and
-    draft through it (greedy speculative output still equals full), and balspec.json says where it came from.
-    Sub-model exits cannot take it (their early-exit mode needs every token)."""
+    """loss.draft_vocab: the KL over the vocabulary an exits checkpoint holds, with the EOS and chat-control
+    tokens it may lack (the drafts must be able to end a reply); the trained exits store it and draft through it
+    (greedy speculative output still equals full), and balspec.json says where it came from. Sub-model exits
+    cannot take it (their early-exit mode needs every token)."""
     import json
 
     from safetensors.torch import load_file
@@ -269,14 +270,15 @@ def test_draft_exits_train_over_a_reduced_draft_vocabulary_and_keep_it(tmp_path)
 
     model, tokenizer = load_model("tiny-random")
     source = attach_exits(model, [2], draft_exits=[2])
-    source.draft_vocab = torch.arange(0, model.config.vocab_size, 2)  # every other token
+    source.draft_vocab = torch.arange(0, model.config.vocab_size, 2)  # every other token: not 1, <|im_start|>
     save_exits(source, model, tmp_path / "vocab")
+    trained_vocab = torch.cat([source.draft_vocab, torch.tensor([1])]).sort().values
     sets = ["exits.layers=[2]", "exits.draft=[2]", f"loss.draft_vocab={tmp_path / 'vocab'}", "train.max_steps=12",
             "train.log_every=1", "train.eval_every=12", "optim.lr=3e-3"]
     run = train(tiny_config(tmp_path / "run", *sets))
     meta = json.loads((run / "balspec.json").read_text())
-    assert meta["draft_vocab"] == {"size": len(source.draft_vocab), "source": f"loss.draft_vocab: {tmp_path / 'vocab'}"}
-    assert torch.equal(load_file(run / "exits.safetensors")["draft_vocab"], source.draft_vocab)
+    assert meta["draft_vocab"] == {"size": len(trained_vocab), "source": f"loss.draft_vocab: {tmp_path / 'vocab'}"}
+    assert torch.equal(load_file(run / "exits.safetensors")["draft_vocab"], trained_vocab)
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     kl = [ln["kl/2"] for ln in lines if "kl/2" in ln]
     assert kl[-1] < 0.7 * kl[0] and min(kl) >= 0

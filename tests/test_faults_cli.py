@@ -44,6 +44,12 @@ def test_a_prompt_that_is_not_utf8(exits_dir, capsys, monkeypatch):  # noqa: F81
     one_line_error(code, err, "the prompt is not valid UTF-8 text")
 
 
+def test_a_stop_string_that_is_not_utf8(exits_dir, capsys, monkeypatch):  # noqa: F811
+    code, out, err = run_cli(["generate", "hello", *base_args(exits_dir), "--stop", "caf\udce9"], capsys, monkeypatch)
+    one_line_error(code, err, "--stop: a stop string is not valid UTF-8 text (at character 3)")
+    assert out == ""
+
+
 def test_a_prompt_with_invalid_bytes_from_a_shell(exits_dir, tmp_path):  # noqa: F811
     env = {**os.environ, "BALSPEC_HOME": os.environ.get("BALSPEC_HOME", str(tmp_path))}
     result = subprocess.run([sys.executable, "-m", "balspec.cli", "generate", b"caf\xe9 au lait",

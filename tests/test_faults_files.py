@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import SafetensorError
 
 from balspec import cli
 from balspec.errors import BalspecError
@@ -339,16 +340,35 @@ def test_conversion_partials_of_killed_runs_are_removed(tmp_path, monkeypatch):
     assert (models / "tiny-random" / "config.json").exists()
 
 
-def test_a_failed_conversion_leaves_no_partial(tmp_path):
-    tokenizer = tiny_tokenizer()
+def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
 
-    def fail(*args, **kwargs):
-        raise OSError("No space left on device")
 
-    tokenizer.save_pretrained = fail
-    with pytest.raises(BalspecError, match="No space left"):
-        write_model_dir(tmp_path / "models" / "tiny-random", tiny_model(), tokenizer)
+def full_disk_safetensors(*args, **kwargs):
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("failing", ["tokenizer", "model"])
+def test_a_failed_conversion_leaves_no_partial(tmp_path, failing):
+    """A full disk under the model's weights is reported by safetensors in its own error type."""
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    if failing == "tokenizer":
+        tokenizer.save_pretrained = full_disk
+    else:
+        model.save_pretrained = full_disk_safetensors
+    with pytest.raises(BalspecError, match=r"cannot write the model cache .* \(No space left on device\)"):
+        write_model_dir(tmp_path / "models" / "tiny-random", model, tokenizer)
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_export_on_a_full_disk_is_one_line_and_leaves_no_partial(env, tmp_path, monkeypatch, capsys):
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk_safetensors)
+    result = run_cli(monkeypatch, capsys, "export", "--exit", "2", "--output", tmp_path / "draft",
+                     "--model", "tiny-random", "--exits-path", env["exits"])
+    assert_one_line_error(*result, f"--output: cannot write {tmp_path / 'draft'} (No space left on device)")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_partials_of_killed_runs_are_removed_and_only_balspecs(env, tmp_path):

@@ -108,6 +108,13 @@ def test_an_old_pickled_checkpoint_is_refused_unread(finished_run, tmp_path, cap
     assert not marker.exists()
 
 
+def test_a_block_longer_than_the_models_context_is_refused_before_the_run_starts(tmp_path):
+    output = tmp_path / "run"
+    with pytest.raises(BalspecError, match="data.block_size: must be at most the model's context of 1024 tokens"):
+        train(tiny_config(output, "data.block_size=4096"))
+    assert not output.exists()
+
+
 def interrupt_at(monkeypatch, call: int):
     """Make train_step raise KeyboardInterrupt on its `call`-th call (1-based)."""
     real_step, calls = train_module.train_step, []
@@ -276,6 +283,44 @@ def test_draft_exit_draws_do_not_depend_on_torch_global_generator(tmp_path, monk
         train(tiny_config(tmp_path / "resumed", *sets))
     train(*configure(None, [], {"train.output": str(tmp_path / "resumed")}, resume=True))  # still noisy
     assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight"))
+
+
+def test_resume_refuses_a_users_directory_named_as_a_later_checkpoint(tmp_path, finished_run):
+    """Saving step 4 would replace `checkpoints/step-0000004`; one balspec did not write is refused up front."""
+    run = copy_run(finished_run, tmp_path / "run", keep_step=2)
+    (run / "checkpoints" / "step-0000004").mkdir()
+    (run / "checkpoints" / "step-0000004" / "mine.txt").write_text("keep me")
+    with pytest.raises(BalspecError, match="step-0000004 is not a checkpoint balspec wrote"):
+        configure(None, [], {"train.output": str(run)}, resume=True)
+    assert (run / "checkpoints" / "step-0000004" / "mine.txt").read_text() == "keep me"
+
+
+def test_a_full_disk_stops_training_in_one_line(tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--recipe", TINY_RECIPE, "--data", TINY_TEXT, "--output", str(run),
+                            "--max-steps", "1", "--set", "train.eval_every=0"], capsys, monkeypatch)
+    line = one_error_line(code, err)
+    assert "cannot write the checkpoint" in line and line.endswith("(No space left on device)")
+
+
+@pytest.mark.parametrize("method", ["balcony", "sorted"])
+def test_a_run_directory_follows_the_umask(tmp_path, method):
+    """safetensors creates its files 0600: the optimizer and RNG state, and the trained model (method sorted)."""
+    old = os.umask(0o002)
+    try:
+        run = train(tiny_config(tmp_path / "run", f"method={method}", "train.max_steps=1", "train.eval_every=0"))
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(run): p.stat().st_mode & 0o777 for p in [run, *run.rglob("*")]}
+    assert "checkpoints/step-0000001/optimizer.safetensors" in map(str, modes)
+    assert {str(p): oct(m) for p, m in modes.items() if m != (0o775 if (run / p).is_dir() else 0o664)} == {}
 
 
 def test_pruning_and_resume_ignore_what_a_user_put_in_checkpoints(tmp_path, finished_run):

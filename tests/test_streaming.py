@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from balspec.generate import _Stopper
 from balspec.stream import TextStream, TokenStreamer
 from balspec.tiny import tiny_tokenizer
 from tests.test_cli_generate import base_args, exits_dir, run_cli  # noqa: F401 (fixture)
@@ -62,6 +63,16 @@ def test_a_character_split_over_tokens_is_held_back_until_complete():
     pieces = [stream.push([token]) for token in ids]
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) + stream.rest(text) == text and stream.rest(text) == ""
+
+
+def test_a_stop_string_of_multi_byte_characters_ends_the_output():
+    """Three emoji are twelve tokens here: the stop string is searched over as many tokens as it has bytes."""
+    tokenizer = tiny_tokenizer()
+    stop = "🌊🌊🌊"
+    ids = tokenizer("ab " + stop + " cd", add_special_tokens=False)["input_ids"]
+    stopper = _Stopper(tokenizer, set(), [stop], budget=100)
+    kept = stopper.add(ids)
+    assert stopper.reason == "stop" and stopper.text() == "ab " and kept == len(("ab " + stop).encode())
 
 
 def test_text_that_may_begin_a_stop_string_is_held_back():
