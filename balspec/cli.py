@@ -127,7 +127,7 @@ def export(
 
         balspec export --exit 12 --exits-path runs/exits --output draft12 --dtype bfloat16 --force
     """
-    from balspec.exits import load_exits, read_meta
+    from balspec.checkpoint import load_exits, read_meta
     from balspec.export import check_output, export_submodel
     from balspec.info import resolve_exits_path
     from balspec.models import load_model, parse_dtype
@@ -240,15 +240,16 @@ def bench(
     """
     import shlex
 
-    from balspec import bench as bench_lib
-    from balspec import report
-    from balspec.exits import parse_exits, read_meta
-    from balspec.generate import load
+    from balspec.checkpoint import read_meta
+    from balspec.engine.speculative import parse_layer_path
+    from balspec.exits import parse_exits
     from balspec.files import check_output_file
+    from balspec.generate import load
     from balspec.info import resolve_exits_path
+    from balspec.measure import bench as bench_lib
+    from balspec.measure import report
+    from balspec.measure.prompts import load_prompts
     from balspec.models import check_device, parse_dtype
-    from balspec.prompts import load_prompts
-    from balspec.speculative import parse_layer_path
 
     # the cheap checks first: loading the model and measuring can take minutes
     path = resolve_exits_path(exits_path, model)
@@ -332,8 +333,8 @@ def train(
         accelerate launch -m balspec.cli train --recipe recipes/llama3-8b.yaml
     """
     from balspec.exits import parse_exits
-    from balspec.train import configure
-    from balspec.train import train as run_training
+    from balspec.training.run import configure
+    from balspec.training.train import train as run_training
 
     flags = {"method": method, "model.name": model, "exits.layers": parse_exits(exits) if exits is not None else None,
              "data.train": data, "train.max_steps": max_steps, "train.output": output}

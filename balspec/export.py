@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from balspec.checkpoint import base_model_info
 from balspec.errors import BalspecError
-from balspec.exits import Exits, base_model_info, model_parts
+from balspec.exits import Exits, model_parts
 from balspec.files import apply_umask, check_output_dir, partial_path, remove_stale_partials, writing
 
 EXPORT_FILE = "balspec_export.json"  # provenance; also marks a directory --force may replace

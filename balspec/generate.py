@@ -15,11 +15,12 @@ from typing import Callable
 
 import torch
 
+from balspec.checkpoint import load_exits
+from balspec.engine.sampling import Sampling, check_seed, choose
+from balspec.engine.speculative import AUTO_MAX_DRAFT, MAX_DRAFT_LEN, MAX_DRAFT_WIDTH, Cycle, Engine, sync_device
 from balspec.errors import BalspecError
-from balspec.exits import Exits, load_exits, with_control_tokens
+from balspec.exits import Exits, with_control_tokens
 from balspec.models import DEFAULT_ALIASES, default_device, load_model
-from balspec.sampling import Sampling, check_seed, choose
-from balspec.speculative import AUTO_MAX_DRAFT, MAX_DRAFT_LEN, MAX_DRAFT_WIDTH, Cycle, Engine, sync_device
 
 MODES = ("full", "early-exit", "speculative")
 DEFAULT_EXITS_DIR = Path(__file__).parent / "default_exits"

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from balspec.checkpoint import DRAFT_VOCAB_KEY, WEIGHTS_FILE, check_base, read_meta, sha256_file
 from balspec.errors import BalspecError
-from balspec.exits import DRAFT_VOCAB_KEY, WEIGHTS_FILE, check_base, read_meta, sha256_file
-from balspec.report import json_safe
+from balspec.measure.report import json_safe
 
 
 def resolve_exits_path(exits_path: str | Path | None, model_name: str | None) -> Path:
@@ -74,7 +74,7 @@ def describe_checkpoint(path: str | Path, model=None) -> dict:
 def _layer_path(model) -> str:
     """How the engine runs this model's decoder layers: "lean" (balspec's own forward) or "generic" (the
     model's modules), as decided by its check at start."""
-    from balspec.speculative import Engine
+    from balspec.engine.speculative import Engine
 
     return Engine(model).layer_path
 

@@ -7,9 +7,9 @@ that were verified, drafts per generated token. Results of the run that set AUTO
 evals/results/auto_threshold_sweep_cpu.txt.
 """
 
+from balspec.measure.prompts import load_prompts
 import balspec
-import balspec.speculative as speculative
-from balspec.prompts import load_prompts
+import balspec.engine.speculative as speculative
 
 
 def run(bm, prompts, **kwargs):

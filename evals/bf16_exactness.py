@@ -20,10 +20,10 @@ import sys
 
 import torch
 
-import balspec
-from balspec.bench import agreeing_tokens
+from balspec.measure.bench import agreeing_tokens
+from balspec.measure.prompts import load_prompts
 from balspec.models import device_name
-from balspec.prompts import load_prompts
+import balspec
 
 SETTINGS = [(8, 1, 1), (8, 4, 1), (16, 4, 1), (8, "auto", 3)]  # (exit, draft length, width)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-import balspec
+from balspec.measure.prompts import load_prompts
 from balspec.models import device_name
-from balspec.prompts import load_prompts
+import balspec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from exit_quality import balcony_output  # noqa: E402  (evals/, beside this script)

@@ -29,12 +29,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from balspec.architecture import Architecture
+from balspec.checkpoint import load_exits, read_draft_vocab
+from balspec.engine.architecture import Architecture
 from balspec.errors import BalspecError
-from balspec.exits import attach_exits, load_exits, model_parts, parse_exits, read_draft_vocab
+from balspec.exits import attach_exits, model_parts, parse_exits
 from balspec.generate import default_exits_path
 from balspec.models import default_device, load_model
-from balspec.train import draft_vocab_path
+from balspec.training.train import draft_vocab_path
 
 DEFAULT_DATA = "data/corpus/heldout.jsonl"  # written by recipes/build_corpus.py
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -52,11 +53,11 @@ class Quality:
 
 
 def heldout_blocks(source: str, tokenizer, seq_len: int, max_tokens: int, positions: str = "all"):
-    """Held-out text read and packed exactly as training reads it (balspec.data: chat records through the
+    """Held-out text read and packed exactly as training reads it (balspec.training.data: chat records through the
     chat template, EOS between documents), cut into blocks of seq_len tokens, up to max_tokens. A list of
     (ids [1, seq_len], counted positions [seq_len] bool or None: all)."""
-    from balspec.config import DataConfig
-    from balspec.data import pack, read_records
+    from balspec.training.config import DataConfig
+    from balspec.training.data import pack, read_records
 
     config = DataConfig(train=source, heldout=None, block_size=seq_len, train_on=positions)
     blocks = pack(*read_records(source, config, "--data"), tokenizer, config)

@@ -1,5 +1,5 @@
 """Time one decode step of the default model through transformers' decoder layers and through balspec's
-own layer forward (`balspec/layers.py`), interleaved so that machine load hits both alike, for 1-4 rows;
+own layer forward (`balspec/engine/layers.py`), interleaved so that machine load hits both alike, for 1-4 rows;
 with --compile, also balspec's layer forward under torch.compile.
 
     python evals/layer_forward.py --repeats 30 --output evals/results/layer_forward_cpu.json
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-import balspec
-from balspec import layers, skinny
-from balspec.layers import decoder_layer, module_layer
+from balspec.engine import layers, skinny
+from balspec.engine.layers import decoder_layer, module_layer
 from balspec.models import device_name
+import balspec
 
 PROMPT = "Explain in three sentences why the sky is blue."
 

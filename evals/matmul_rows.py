@@ -1,5 +1,5 @@
 """What a pass over more rows costs: every matrix of the default model (trunk and LM head, fp32) times 1..8
-rows, in the engine's few-row form (W @ x^T, balspec/skinny.py, here without its padding of 1 and 3 rows)
+rows, in the engine's few-row form (W @ x^T, balspec/engine/skinny.py, here without its padding of 1 and 3 rows)
 and as nn.Linear computes it (x @ W^T).
 
 A decode step streams all weights once, so on a CPU one row and a few rows should cost about the same; how

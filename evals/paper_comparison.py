@@ -103,7 +103,8 @@ def row_sets(args: argparse.Namespace, row: str, run_dir: Path) -> list[str]:
 
 def train_row(args: argparse.Namespace, row: str, run_dir: Path) -> str:
     """Train one row in this process (a finished run is reused); returns the equivalent command."""
-    from balspec.train import configure, train
+    from balspec.training.run import configure
+    from balspec.training.train import train
 
     sets = row_sets(args, row, run_dir)
     command = shlex.join(["balspec", "train", "--recipe", args.recipe, *(x for s in sets for x in ("--set", s))])
@@ -119,9 +120,10 @@ def train_row(args: argparse.Namespace, row: str, run_dir: Path) -> str:
 def measure_row(args, row: str, run_dir: Path, original, tokenizer, layers: list[int], answers, text,
                 prompts) -> list[dict]:
     """Per exit: quality against the original full model, perplexities, speculative acceptance and tau."""
-    from balspec.bench import BenchOptions, run_bench
-    from balspec.exits import attach_exits, load_exits, model_parts, read_meta
+    from balspec.checkpoint import load_exits, read_meta
+    from balspec.exits import attach_exits, model_parts
     from balspec.generate import BalconyModel
+    from balspec.measure.bench import BenchOptions, run_bench
     from balspec.models import load_model
 
     if ROWS[row] is None:
@@ -177,10 +179,10 @@ def print_table(rows: list[dict], title: str) -> None:
 
 
 def main(argv=None) -> Path:
-    from balspec.config import resolve_config
     from balspec.errors import BalspecError
+    from balspec.measure.prompts import load_prompts
     from balspec.models import device_name, load_model
-    from balspec.prompts import load_prompts
+    from balspec.training.config import resolve_config
 
     args = parse_args(argv)
     try:

@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
+from balspec.checkpoint import load_exits, save_exits
 from balspec.errors import BalspecError
-from balspec.exits import attach_exits, frequent_tokens, load_exits, save_exits
+from balspec.exits import attach_exits, frequent_tokens
 from balspec.generate import DEFAULT_EXITS_DIR
 from balspec.models import load_model
 

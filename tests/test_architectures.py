@@ -180,7 +180,7 @@ def test_speculative_sampling_matches_the_full_distribution_on_gemma2():
     """As tests/test_sampling.py on Llama: the first two tokens that draft-verify cycles emit after the pending
     token follow the full model's joint distribution (computed exactly by transformers, soft-capped logits
     included), under temperature and top-k, through the generic path."""
-    from balspec.sampling import Sampling
+    from balspec.engine.sampling import Sampling
     from tests.test_sampling import chi2, chi2_critical, two_token_joint
 
     model = build("gemma2")

@@ -6,13 +6,14 @@ model's own logits (soft-caps, divisors); checkpoints are tied to the config fie
 import pytest
 import torch
 
-from balspec import train as train_module
+from balspec.checkpoint import config_fingerprint, load_exits, save_exits
 from balspec.errors import BalspecError
-from balspec.exits import attach_exits, config_fingerprint, load_exits, model_parts, save_exits
+from balspec.exits import attach_exits, model_parts
 from balspec.generate import BalconyModel
-from balspec.loss import Distiller, teacher_forward
 from balspec.tiny import tiny_tokenizer
-from balspec.train import train
+from balspec.training import train as train_module
+from balspec.training.loss import Distiller, teacher_forward
+from balspec.training.train import train
 from tests.test_architectures import assert_sub_model_matches_early_exit, build, configs, make_bm, prompt
 from tests.test_draft_exits import assert_engine_drafts_as_trained
 from tests.test_train import tiny_config

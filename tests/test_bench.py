@@ -8,13 +8,14 @@ import sys
 import pytest
 import torch
 
-from balspec.bench import BenchOptions, acceptance_needed, parse_draft_lens, parse_peers, run_bench
+from balspec.checkpoint import save_exits
 from balspec.errors import BalspecError
-from balspec.exits import attach_exits, save_exits
+from balspec.exits import attach_exits
 from balspec.generate import BalconyModel
+from balspec.measure.bench import BenchOptions, acceptance_needed, parse_draft_lens, parse_peers, run_bench
+from balspec.measure.prompts import Prompt, PromptSet
+from balspec.measure.report import plot, report_dict, require_matplotlib, to_json
 from balspec.models import load_model
-from balspec.prompts import Prompt, PromptSet
-from balspec.report import plot, report_dict, require_matplotlib, to_json
 from balspec.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = PromptSet("test", [Prompt("1", "math", "What is 2 + 2?"), Prompt("2", "writing", "Write a haiku."),
@@ -248,7 +249,8 @@ def test_exit_quality_is_exact_for_a_copy_of_the_last_layer(monkeypatch, exits_d
     assert all(r["top1_draft_vocab"] is None for r in doc["rows"])
 
     # --draft-vocab: each exit's choice within the vocabulary against the full model's over all tokens
-    from balspec.exits import attach_exits, save_exits
+    from balspec.checkpoint import save_exits
+    from balspec.exits import attach_exits
     from balspec.models import load_model
 
     model, _ = load_model("tiny-random")
@@ -311,7 +313,7 @@ def test_draft_rank_on_gemma3_rotates_a_draft_kind_balcony_with_its_kind(monkeyp
 
 
 def test_draft_widths_parse_and_refuse_sampling():
-    from balspec.bench import parse_draft_widths
+    from balspec.measure.bench import parse_draft_widths
 
     assert parse_draft_widths("1,3") == [1, 3]
     for bad in ("0", "1,1", "two", ""):
@@ -332,7 +334,7 @@ def test_acceptance_needed_inverts_the_cost_model():
 
 
 def test_mismatch_rate_counts_first_differences_per_1000_agreeing_tokens():
-    from balspec.bench import Run, summarize
+    from balspec.measure.bench import Run, summarize
     prompt = Prompt("p", "c", "x")
     base = [Run(prompt, [1, 2, 3, 4], 1.0), Run(prompt, [5, 6, 7, 8], 1.0)]
     runs = [Run(prompt, [1, 2, 9, 9], 1.0), Run(prompt, [5, 6, 7, 8], 1.0)]

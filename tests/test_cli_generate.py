@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from balspec import cli
-from balspec.exits import attach_exits, save_exits
+from balspec.checkpoint import save_exits
+from balspec.exits import attach_exits
 from balspec.models import load_model
 
 

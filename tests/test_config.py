@@ -4,8 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from balspec.config import TrainingConfig, changed_keys, config_from_dict, config_to_dict, known_keys, resolve_config
 from balspec.errors import BalspecError
+from balspec.training.config import (
+    TrainingConfig,
+    changed_keys,
+    config_from_dict,
+    config_to_dict,
+    known_keys,
+    resolve_config,
+)
 
 RECIPES = sorted(p for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")
                  if not p.name.startswith("accelerate-"))  # accelerate configs (tests/test_distributed.py)

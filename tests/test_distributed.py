@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from balspec.exits import read_meta
+from balspec.checkpoint import read_meta
 from tests.test_train import TINY_TEXT
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,11 +4,12 @@ balcony's cache holding the full model's K/V of verified rows, and training's si
 import pytest
 import torch
 
+from balspec.checkpoint import load_exits, save_exits
+from balspec.engine.layers import key_value
+from balspec.engine.sampling import Sampling
 from balspec.errors import BalspecError
-from balspec.exits import attach_exits, load_exits, save_exits
+from balspec.exits import attach_exits
 from balspec.generate import BalconyModel
-from balspec.layers import key_value
-from balspec.sampling import Sampling
 from balspec.tiny import tiny_tokenizer
 from tests.test_engine import identity_tail, sharp_model
 from tests.test_sampling import chi2, chi2_critical, two_token_joint
@@ -194,8 +195,9 @@ def test_draft_exits_train_record_their_kind_and_resume_exactly(tmp_path, monkey
 
     from safetensors.torch import load_file
 
-    from balspec import train as train_module
-    from balspec.train import configure, train
+    from balspec.training import train as train_module
+    from balspec.training.run import configure
+    from balspec.training.train import train
     from tests.test_train import tiny_config
 
     sets = ["exits.draft=[2]", "train.max_steps=12", "train.save_every=6", "train.log_every=1",
@@ -265,7 +267,7 @@ def test_draft_exits_train_over_a_reduced_draft_vocabulary_and_keep_it(tmp_path)
     from safetensors.torch import load_file
 
     from balspec.models import load_model
-    from balspec.train import train
+    from balspec.training.train import train
     from tests.test_train import tiny_config
 
     model, tokenizer = load_model("tiny-random")

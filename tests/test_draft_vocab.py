@@ -4,11 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from balspec.checkpoint import load_exits, save_exits
+from balspec.engine import skinny
+from balspec.engine.sampling import Sampling
+from balspec.engine.skinny import skinny_linear
 from balspec.errors import BalspecError
-from balspec.exits import attach_exits, frequent_tokens, load_exits, save_exits
-from balspec.sampling import Sampling
-from balspec import skinny
-from balspec.skinny import skinny_linear
+from balspec.exits import attach_exits, frequent_tokens
 from tests.test_engine import EXITS, make_bm, sharp_model
 
 EVEN = torch.arange(0, 259, 2)  # half of the tiny vocabulary: many of the full model's tokens are outside

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from balspec.engine.sampling import Sampling
 from balspec.errors import BalspecError
 from balspec.exits import attach_exits
 from balspec.generate import BalconyModel
-from balspec.sampling import Sampling
 from balspec.tiny import tiny_model, tiny_tokenizer
 
 EXITS = [1, 3, 4]
@@ -124,7 +124,7 @@ def test_a_sibling_the_full_model_chose_is_accepted(draft_len, monkeypatch):
 
 
 def test_tree_rows_see_only_their_ancestors():
-    from balspec.speculative import DraftTree
+    from balspec.engine.tree import DraftTree
 
     tree = DraftTree.build(k=2, width=3, device="cpu")  # rows: t, d_1, d_2, s_1, s_2
     assert tree.size == 5 and tree.depth.tolist() == [0, 1, 2, 1, 1]
@@ -198,18 +198,18 @@ def test_early_exit_never_runs_deeper_layers(bm, monkeypatch):
 
 def count_layer_calls(bm, monkeypatch):
     """Passes through each trunk layer, counted where the engine runs a layer."""
-    import balspec.speculative
+    import balspec.engine.speculative
 
     index = {id(layer): i for i, layer in enumerate(bm.model.model.layers)}
     calls = [0] * len(index)
-    run = balspec.speculative.decoder_layer
+    run = balspec.engine.speculative.decoder_layer
 
     def counted(layer, *args):
         if id(layer) in index:
             calls[index[id(layer)]] += 1
         return run(layer, *args)
 
-    monkeypatch.setattr(balspec.speculative, "decoder_layer", counted)
+    monkeypatch.setattr(balspec.engine.speculative, "decoder_layer", counted)
     return calls
 
 
@@ -324,3 +324,4 @@ def test_bf16_full_model_logits_can_be_computed_in_fp32():
     assert make_bm(sharp_model(), logits_dtype="float32").engine.logits_dtype == "model"  # fp32: nothing to do
     with pytest.raises(BalspecError, match="--logits-dtype must be one of"):
         make_bm(sharp_model(), logits_dtype="half")
+

@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
+from balspec.checkpoint import save_exits
 from balspec.errors import BalspecError
-from balspec.exits import attach_exits, model_parts, save_exits
+from balspec.exits import attach_exits, model_parts
 from balspec.export import build_submodel, export_submodel
 from balspec.tiny import tiny_model, tiny_tokenizer
 

@@ -13,8 +13,9 @@ import pytest
 from safetensors import SafetensorError
 
 from balspec import cli
+from balspec.checkpoint import load_exits, read_meta, save_exits
 from balspec.errors import BalspecError
-from balspec.exits import attach_exits, load_exits, read_meta, save_exits
+from balspec.exits import attach_exits
 from balspec.export import export_submodel
 from balspec.models import load_model, write_model_dir
 from balspec.tiny import tiny_model, tiny_tokenizer

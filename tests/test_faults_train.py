@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from balspec import train as train_module
 from balspec.errors import BalspecError
-from balspec.train import check_not_busy, configure, train
+from balspec.training import train as train_module
+from balspec.training.run import check_not_busy, configure
+from balspec.training.train import train
 from tests.test_train import TINY_RECIPE, TINY_TEXT, run_cli, tiny_config
 
 SETS = ["train.max_steps=4", "train.save_every=2", "train.log_every=1", "train.eval_every=0"]
@@ -190,7 +191,7 @@ def test_a_run_whose_init_checkpoint_is_gone_resumes(finished_run, tmp_path, mon
 HOLD_LOCK = """
 import sys
 from pathlib import Path
-from balspec.train import lock_run
+from balspec.training.run import lock_run
 lock = lock_run(Path(sys.argv[1]))
 print("locked", flush=True)
 sys.stdin.read()

@@ -152,7 +152,7 @@ def test_dry_run_runs_the_whole_plan_and_brings_back_the_expected_files(tmp_path
     pieces = train["exits_pieces"]
     assert hashlib.sha256(joined.read_bytes()).hexdigest() == hashlib.sha256(
         b"".join((out / p["name"]).read_bytes() for p in pieces)).hexdigest()
-    from balspec.exits import load_exits
+    from balspec.checkpoint import load_exits
     from balspec.models import load_model
 
     model, _ = load_model("tiny-random")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from balspec.errors import BalspecError
-from balspec.prompts import Prompt, load_prompts, spread
+from balspec.measure.prompts import Prompt, load_prompts, spread
 
 
 def write(tmp_path, name, text):

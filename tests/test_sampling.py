@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from balspec.engine.sampling import Sampling, accept_greedy, accept_sampling, choose, probabilities
 from balspec.errors import BalspecError
-from balspec.sampling import Sampling, accept_greedy, accept_sampling, choose, probabilities
 from tests.test_engine import make_bm
 
 

@@ -9,15 +9,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import balspec
-from balspec import train as train_module
+from balspec.checkpoint import load_exits, read_meta, save_exits
 from balspec.errors import BalspecError
-from balspec.exits import attach_exits, load_exits, model_parts, read_meta, save_exits
+from balspec.exits import attach_exits, model_parts
 from balspec.generate import BalconyModel
 from balspec.models import load_model
-from balspec.sorted import BaseDistiller, frozen_copy
 from balspec.tiny import tiny_model, tiny_tokenizer
-from balspec.train import configure, train
+from balspec.training import train as train_module
+from balspec.training.run import configure
+from balspec.training.sorted import BaseDistiller, frozen_copy
+from balspec.training.train import train
+import balspec
 from tests.test_engine import sharp_model
 from tests.test_train import TINY_RECIPE, TINY_TEXT, causal_mask, tiny_config
 

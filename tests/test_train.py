@@ -11,14 +11,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from balspec import cli
-from balspec import train as train_module
-from balspec.config import resolve_config
-from balspec.data import PackedBlocks, StreamedBlocks, load_blocks, pack, read_records
+from balspec.checkpoint import load_exits
 from balspec.errors import BalspecError
-from balspec.exits import attach_exits, load_exits, model_parts
-from balspec.loss import Distiller, distill_losses, next_token_labels, teacher_forward
+from balspec.exits import attach_exits, model_parts
 from balspec.tiny import tiny_model, tiny_tokenizer
-from balspec.train import configure, train
+from balspec.training import train as train_module
+from balspec.training.config import resolve_config
+from balspec.training.data import PackedBlocks, StreamedBlocks, load_blocks, pack, read_records
+from balspec.training.loss import Distiller, distill_losses, next_token_labels, teacher_forward
+from balspec.training.run import configure
+from balspec.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = str(ROOT / "recipes" / "tiny.yaml")

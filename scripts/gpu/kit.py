@@ -234,7 +234,8 @@ def setup_environment(payload: Path, site: Path, work: Path, dry: bool) -> None:
 
 def tiny_exits(work: Path) -> Path:
     """Dry run: the tiny random model ships no exits; untrained balconies at 2 and 4 stand in for them."""
-    from balspec.exits import attach_exits, save_exits
+    from balspec.checkpoint import save_exits
+    from balspec.exits import attach_exits
     from balspec.models import load_model
 
     model, _ = load_model("tiny-random")

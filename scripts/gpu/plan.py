@@ -152,7 +152,8 @@ def bundle(cfg: PlanConfig) -> Path:
 def part_throughput(cfg: PlanConfig, deadline: float) -> None:
     """`balspec train` for a few steps per batch size, bf16: tokens/s (median over log windows after the first,
     so CUDA start-up is left out) and peak memory."""
-    from balspec.train import configure, train
+    from balspec.training.run import configure
+    from balspec.training.train import train
 
     data = Path(cfg.work) / "data" / "throughput.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
@@ -189,10 +190,10 @@ def part_throughput(cfg: PlanConfig, deadline: float) -> None:
 
 def part_bench(cfg: PlanConfig, deadline: float) -> None:
     """The bench grid in chunks of priority; each chunk's JSON is written and bundled as soon as it ends."""
-    from balspec import bench as bench_lib
-    from balspec import report
     from balspec.generate import load
-    from balspec.prompts import load_prompts
+    from balspec.measure import bench as bench_lib
+    from balspec.measure import report
+    from balspec.measure.prompts import load_prompts
 
     models, rate, done = {}, None, []  # rate: tokens decoded per second, measured, then over the chunks so far
     for chunk in bench_chunks(cfg):
@@ -362,11 +363,11 @@ def part_train(cfg: PlanConfig, deadline: float) -> None:
         bundle(cfg)
 
     # 4. the trained exits against the shipped ones: bf16 (the first dtype), built-in prompts, k 1 and auto
-    from balspec import bench as bench_lib
-    from balspec import report
-    from balspec.exits import read_meta
+    from balspec.checkpoint import read_meta
     from balspec.generate import load
-    from balspec.prompts import load_prompts
+    from balspec.measure import bench as bench_lib
+    from balspec.measure import report
+    from balspec.measure.prompts import load_prompts
 
     for name, path in (("trained", exits_dir), ("shipped", cfg.shipped_exits or shipped_path())):
         if time.time() > deadline - 30:
@@ -440,7 +441,7 @@ def read_metrics(output: Path) -> list[dict]:
 
 
 def latest_checkpoint(output: Path) -> Path | None:
-    from balspec.train import latest_checkpoint as latest
+    from balspec.training.run import latest_checkpoint as latest
 
     return latest(output) if output.exists() else None
 

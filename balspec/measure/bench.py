@@ -18,13 +18,14 @@ from typing import Callable
 
 import torch
 
-from balspec import skinny
+from balspec.engine import skinny
+from balspec.engine.sampling import Sampling, check_seed
+from balspec.engine.speculative import MAX_DRAFT_LEN, MAX_DRAFT_WIDTH, sync_device
 from balspec.errors import BalspecError
 from balspec.exits import validate_exits
+from balspec.measure.costs import pass_costs
+from balspec.measure.prompts import Prompt, PromptSet
 from balspec.models import device_name
-from balspec.prompts import Prompt, PromptSet
-from balspec.sampling import Sampling, check_seed
-from balspec.speculative import MAX_DRAFT_LEN, MAX_DRAFT_WIDTH, pass_costs, sync_device
 
 PEERS = ("hf", "hf-early-exit", "prompt-lookup")
 PEER_DRAFT_LEN = 4  # drafts per cycle for the peers when --draft-len gives no fixed number

@@ -8,18 +8,18 @@ Steps are numbered as in DESIGN.md section 3.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
 import torch
 
-from balspec import skinny
-from balspec.architecture import architecture, causal_mask
-from balspec.cache import KVCache
+from balspec.engine import skinny
+from balspec.engine.architecture import architecture, causal_mask
+from balspec.engine.cache import KVCache
+from balspec.engine.layers import decoder_layer, has_lean_form, key_value, module_layer
+from balspec.engine.sampling import Sampling, accept_greedy, accept_sampling, choose, probabilities
+from balspec.engine.tree import DraftTree, Rows
 from balspec.errors import BalspecError
 from balspec.exits import Exits, HalfLayer, model_parts
-from balspec.layers import decoder_layer, has_lean_form, key_value, module_layer
-from balspec.sampling import Sampling, accept_greedy, accept_sampling, choose, probabilities
 
 LOGITS_DTYPES = ("float32", "model")
 AUTO_MAX_DRAFT = 8  # "auto" drafts until the draft is unsure, at most this many tokens
@@ -434,84 +434,9 @@ class Engine:
         return Cycle(tokens=drafted[:n] + [next_token], drafts=drafted, accepted=n)
 
 
-@dataclass(frozen=True)
-class Rows:
-    """What a pass over new rows needs besides their hidden states, per attention kind (architecture.py):
-    (rope, mask). rope: cos, sin [1, rows, head_dim] at the rows' positions; mask [1, 1, rows, cached + rows],
-    boolean or additive as the layers take it (Engine._mask_format); None: each row sees everything cached."""
-
-    views: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]]
-
-
-@dataclass(frozen=True)
-class DraftTree:
-    """One cycle's rows in cache order: the pending token t, the chain d_1..d_k, then width - 1 siblings
-    of d_1 (other candidates for the first position). A row sees its ancestors and itself."""
-
-    k: int
-    width: int
-    depth: torch.Tensor  # [rows] position offset from t
-    allowed: torch.Tensor  # bool [rows, rows]: allowed[i, j] when row j is row i or one of its ancestors
-
-    @property
-    def size(self) -> int:
-        return 1 + self.k + self.width - 1
-
-    @staticmethod
-    def build(k: int, width: int, device) -> "DraftTree":
-        parents = [-1] + list(range(k)) + [0] * (width - 1)  # d_i's parent is row i - 1; siblings hang off t
-        depth = [0] + list(range(1, k + 1)) + [1] * (width - 1)
-        allowed = torch.zeros(len(parents), len(parents), dtype=torch.bool)
-        for row in range(len(parents)):
-            node = row
-            while node >= 0:
-                allowed[row, node] = True
-                node = parents[node]
-        return DraftTree(k, width, torch.tensor(depth, device=device), allowed.to(device))
-
-
 def _top_probability(logits: torch.Tensor, q: torch.Tensor | None) -> float:
     """The draft's confidence, for adaptive drafting (one host sync per draft token)."""
     return (q if q is not None else logits.float().softmax(-1)).max().item()
-
-
-def pass_costs(bm, prompt_ids: list[int], exit_layer: int, draft_len: int, width: int = 1,
-               repeats: int = 10) -> dict:
-    """Measured seconds of one full decode step, one draft step and one verify of k + width rows (layers 1..e
-    on the width rows not yet run, layers e+1..N on all)."""
-    engine = bm.engine
-    prompt = torch.tensor([prompt_ids], device=engine.device)
-    start = len(prompt_ids)
-    engine.reset(start + 2 * (draft_len + width))
-    with torch.inference_mode():
-        engine.prefill(prompt, "speculative", exit_layer)
-        token = prompt[:, -1:]
-        everything = list(range(len(engine.cache.lengths)))
-
-        def full_step():
-            engine.step(token, start, "full", None).argmax(-1).tolist()
-
-        def draft_step():
-            h = engine.run_layers(engine.embed(token), 0, exit_layer, start)
-            engine.pick_draft(engine.draft_logits(engine.run_balcony(exit_layer, h, start, pending=True)), Sampling())
-
-        def verify():
-            h = engine.run_layers(engine.embed(token.expand(1, width)), 0, exit_layer, start)
-            hidden = h[:, :1].expand(1, draft_len + width, h.shape[-1])  # stands in for the buffered exit states
-            engine.full_logits(engine.run_layers(hidden, exit_layer, engine.num_layers, start)).argmax(-1).tolist()
-
-        costs = {}
-        for name, fn in (("full_step_s", full_step), ("draft_step_s", draft_step), ("verify_s", verify)):
-            times = []
-            for i in range(repeats + 2):
-                sync_device(engine.device)
-                t0 = time.perf_counter()
-                fn()
-                sync_device(engine.device)
-                times.append(time.perf_counter() - t0)
-                engine.cache.rollback(everything, start)
-            costs[name] = sorted(times[2:])[len(times[2:]) // 2]  # median after two warm-up calls
-    return costs
 
 
 def sync_device(device) -> None:

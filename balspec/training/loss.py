@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from balspec.architecture import Architecture
+from balspec.engine.architecture import Architecture
 from balspec.exits import Exits
 
 

@@ -18,8 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
-from balspec.bench import BenchReport, Result, Summary, label
 from balspec.errors import BalspecError
+from balspec.measure.bench import BenchReport, Result, Summary, label
 
 
 def result_dict(result: Result) -> dict:

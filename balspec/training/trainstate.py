@@ -52,7 +52,7 @@ def load_state(directory: Path, accelerator, exits, optimizer, scheduler, blocks
     Anything damaged, from another balspec or another setup stops with one line; nothing is unpickled."""
     from safetensors.torch import load_file
 
-    from balspec.exits import META_FILE, WEIGHTS_FILE, sha256_file
+    from balspec.checkpoint import META_FILE, WEIGHTS_FILE, sha256_file
 
     trainer_file = directory / TRAINER_FILE
     if not trainer_file.exists():

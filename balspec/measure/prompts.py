@@ -5,7 +5,7 @@ Formats accepted by `load_prompts(path)`:
   `{"question_id", "category", "turns": [...]}` (the first turn is the prompt) or
   `{"prompt": ..., "category": ...}` (category optional);
 - any other file: one prompt per non-blank line.
-The built-in set (`balspec/prompts/builtin.jsonl`) is written for this project: chat-style requests in
+The built-in set (`balspec/measure/prompts/builtin.jsonl`) is written for this project: chat-style requests in
 seven categories, eight prompts each.
 """
 
@@ -42,7 +42,7 @@ class PromptSet:
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> PromptSet:
     """The prompts of `path` (None: the built-in set), at most `limit` of them, spread over categories."""
     if path is None or str(path) == BUILTIN:
-        text = resources.files("balspec").joinpath("prompts/builtin.jsonl").read_text(encoding="utf-8")
+        text = resources.files("balspec.measure").joinpath("prompts/builtin.jsonl").read_text(encoding="utf-8")
         prompts = parse_jsonl(text, BUILTIN)
         source = BUILTIN
     else:

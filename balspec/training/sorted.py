@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from balspec.errors import BalspecError
 from balspec.exits import Exits, model_parts
 from balspec.files import WRITE_ERRORS, apply_umask, failed_write
-from balspec.loss import ExitLosses, next_token_labels
+from balspec.training.loss import ExitLosses, next_token_labels
 
 MODEL_PARTIAL = ".model.partial"  # where save_base writes before renaming the files into place
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from balspec.config import DataConfig
 from balspec.errors import BalspecError
+from balspec.training.config import DataConfig
 
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
              ".parquet": "parquet"}
