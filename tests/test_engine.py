@@ -325,3 +325,60 @@ def test_bf16_full_model_logits_can_be_computed_in_fp32():
     with pytest.raises(BalspecError, match="--logits-dtype must be one of"):
         make_bm(sharp_model(), logits_dtype="half")
 
+
+def count_host_syncs(monkeypatch) -> list[str]:
+    """Every read of a tensor's value into Python (item, tolist, bool, int, float): on a GPU each one waits for
+    the device. Returns the list the calls are recorded in, by name."""
+    seen = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name):
+            seen.append(_name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return seen
+
+
+@pytest.mark.parametrize("accepting", [False, True])
+@pytest.mark.parametrize("draft_len, width", [(1, 1), (4, 1), (1, 3), (3, 2)])
+def test_a_greedy_cycle_reads_the_device_once(accepting, draft_len, width, monkeypatch):
+    """Drafting and verifying stay on the device: a greedy cycle reads it once, for the accept step, whatever
+    k and width, with drafts rejected (a random balcony) or all accepted (a sub-model that is the full model);
+    a full-mode step never does."""
+    bm = make_bm(identity_tail(sharp_model(), 3), exits=[3]) if accepting else make_bm(exits=[3])
+    engine, ids = bm.engine, list(range(30, 41))
+    engine.reset(128)
+    with torch.inference_mode():
+        token = torch.tensor([[int(engine.prefill(torch.tensor([ids]), "speculative", 3)[0].argmax())]])
+        start, accepted = len(ids), []
+        syncs = count_host_syncs(monkeypatch)
+        for _ in range(6):
+            before = len(syncs)
+            cycle = engine.cycle(token, start, 3, draft_len, Sampling(), None, width=width)
+            assert syncs[before:] == ["tolist"]
+            accepted.append(cycle.accepted)
+            start += len(cycle.tokens)
+            token = torch.tensor([[cycle.tokens[-1]]])
+        monkeypatch.undo()
+        assert accepted == [draft_len] * 6 if accepting else sum(accepted) < 6 * draft_len
+        engine.reset(128)
+        logits = engine.prefill(torch.tensor([ids]), "full", None)
+        syncs = count_host_syncs(monkeypatch)
+        for i in range(4):
+            logits = engine.step(logits.argmax(-1).view(1, 1), len(ids) + i, "full", None)
+        assert syncs == []
+
+
+def test_adaptive_drafting_reads_the_device_once_per_draft(monkeypatch):
+    """--draft-len auto decides after each draft whether to go on: one read per drafted token, one to accept."""
+    bm = make_bm()
+    engine, ids = bm.engine, list(range(30, 41))
+    engine.reset(128)
+    with torch.inference_mode():
+        token = torch.tensor([[int(engine.prefill(torch.tensor([ids]), "speculative", 3)[0].argmax())]])
+        syncs = count_host_syncs(monkeypatch)
+        cycle = engine.cycle(token, len(ids), 3, 8, Sampling(), None, adaptive=True)
+    reads = len(syncs) - 1  # one per draft made: the kept ones and, where the chain ended unsure, a dropped one
+    assert syncs == ["item"] * reads + ["tolist"] and len(cycle.drafts) <= reads <= len(cycle.drafts) + 1

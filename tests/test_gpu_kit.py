@@ -138,6 +138,7 @@ def test_dry_run_runs_the_whole_plan_and_brings_back_the_expected_files(tmp_path
     assert throughput[0]["status"] == "ok" and throughput[0]["tokens_per_s_median"] > 0
     chunks = {c["chunk"]: c for c in json.loads((results / "a_bench.json").read_text())["chunks"]}
     assert chunks["bf16_builtin_core"]["status"] == "ok"
+    assert json.loads((results / "a_syncs.json").read_text()) == {"status": "skipped (not on CUDA)"}
     core = json.loads((results / "a" / "bf16_builtin_core.json").read_text())
     assert {r["name"] for r in core["results"]} >= {"speculative", "early-exit", "hf", "hf-early-exit", "prompt-lookup"}
     assert core["meta"]["command"].startswith("balspec bench --exits 2,4 --draft-len 1,2,4,auto")

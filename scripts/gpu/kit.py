@@ -319,6 +319,11 @@ def summarize(results: Path) -> str:
         lines += ["", "| bench chunk (a) | full tok/s | best speculative: setting, speedup, accept, tau | "
                   "peers' speedups | greedy mismatches (spec) |", "|---|---:|---|---|---:|"]
         lines += [bench_row(path.stem, read(path)) for path in chunks]
+    syncs = read(results / "a_syncs.json") or {}
+    if syncs.get("status") == "ok":
+        lines.append("host syncs (a, " + syncs["dtype"] + "): " + "; ".join(
+            f"{name} {c['syncs_per_step']} per {'cycle' if 'speculative' in name else 'token'}"
+            for name, c in syncs["counts"].items()))
     gen, train = read(results / "b_generate.json"), read(results / "b_train.json")
     if gen:
         lines += ["", f"self-distillation data (b): {gen['answers']} answers, {gen['answer_tokens']:,} tokens in "

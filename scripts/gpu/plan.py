@@ -208,6 +208,7 @@ def part_bench(cfg: PlanConfig, deadline: float) -> None:
                               eos=False)
             rate = len(out.token_ids) / (time.time() - t0)
             log(f"bench: full mode decodes {rate:.0f} tokens/s")
+            write_json(cfg.results / "a_syncs.json", count_syncs(bm, cfg))
         remaining = deadline - time.time()
         opts = bench_lib.BenchOptions(exits=cfg.exits, draft_lens=chunk["draft_lens"],
                                       draft_widths=chunk["widths"], max_new_tokens=cfg.bench_tokens,
@@ -240,6 +241,33 @@ def part_bench(cfg: PlanConfig, deadline: float) -> None:
                      "settings": n_settings, "estimate_s": round(estimate(prompts), 1), "command": command})
         write_json(cfg.results / "a_bench.json", {"chunks": done})
         bundle(cfg)
+
+
+def count_syncs(bm, cfg: PlanConfig) -> dict:
+    """Host syncs CUDA reports (torch.cuda.set_sync_debug_mode) in greedy speculative and full decoding: the
+    engine means to wait for the device once per verify cycle (the accept step) and once per full-mode token."""
+    import warnings
+
+    import torch
+
+    if torch.device(bm.device).type != "cuda":
+        return {"status": "skipped (not on CUDA)"}
+    prompt, counts = "Write a short story about a lighthouse.", {}
+    for name, kwargs in (("full", dict(mode="full")),
+                         ("speculative k=1", dict(mode="speculative", exit=cfg.exits[0], draft_len=1)),
+                         ("speculative k=4", dict(mode="speculative", exit=cfg.exits[0], draft_len=4))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = bm.generate(prompt, max_new_tokens=32, eos=False, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        steps = out.stats.cycles if kwargs["mode"] == "speculative" else len(out.token_ids)
+        counts[name] = {"syncs": len(syncs), "steps": steps, "syncs_per_step": round(len(syncs) / max(steps, 1), 2),
+                        "kinds": sorted(set(syncs))[:5]}
+    return {"status": "ok", "dtype": str(bm.dtype).removeprefix("torch."), "counts": counts}
 
 
 def bench_chunks(cfg: PlanConfig) -> list[dict]:
