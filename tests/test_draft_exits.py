@@ -295,3 +295,35 @@ def test_draft_exits_train_over_a_reduced_draft_vocabulary_and_keep_it(tmp_path)
     with pytest.raises(BalspecError, match="loss.draft_vocab: must be null unless every exit is of the draft kind"):
         train(tiny_config(tmp_path / "mixed", "exits.layers=[2,4]", "exits.draft=[2]",
                           f"loss.draft_vocab={tmp_path / 'vocab'}"))
+
+
+def test_a_run_over_a_draft_vocabulary_resumes_exactly(tmp_path, monkeypatch):
+    """A checkpoint stores the draft vocabulary beside the weights: resuming reads it back as the vocabulary
+    (not as a weight), so the resumed run ends with the weights of the uninterrupted one."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from balspec.models import load_model
+    from balspec.training.run import configure
+    from balspec.training.train import train
+    from tests.test_faults_train import interrupt_at
+    from tests.test_train import tiny_config
+
+    model, _ = load_model("tiny-random")
+    source = attach_exits(model, [2], draft_exits=[2])
+    source.draft_vocab = torch.arange(0, model.config.vocab_size, 2)
+    save_exits(source, model, tmp_path / "vocab")
+    sets = ["exits.layers=[2]", "exits.draft=[2]", f"loss.draft_vocab={tmp_path / 'vocab'}", "train.max_steps=4",
+            "train.save_every=2", "train.log_every=1", "train.eval_every=0"]
+    train(tiny_config(tmp_path / "straight", *sets))
+    real_step = interrupt_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "resumed", *sets))
+    monkeypatch.setattr("balspec.training.train.train_step", real_step)
+    shutil.rmtree(tmp_path / "vocab")  # the run's own checkpoint holds the vocabulary
+    train(*configure(None, [], {"train.output": str(tmp_path / "resumed")}, resume=True))
+    straight, resumed = load_file(tmp_path / "straight" / "exits.safetensors"), \
+        load_file(tmp_path / "resumed" / "exits.safetensors")
+    assert straight.keys() == resumed.keys() and "draft_vocab" in resumed
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

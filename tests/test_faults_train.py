@@ -188,6 +188,25 @@ def test_a_run_whose_init_checkpoint_is_gone_resumes(finished_run, tmp_path, mon
     assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight"))
 
 
+
+def test_a_resumed_run_keeps_the_draft_vocabulary_of_a_checkpoint_now_gone(finished_run, tmp_path, monkeypatch):
+    """The inherited draft vocabulary is read from the run's own checkpoint on resume, not from exits.init_from."""
+    from balspec.checkpoint import load_exits
+    from balspec.models import load_model
+    from tests.test_train import with_draft_vocab
+
+    model, _ = load_model("tiny-random")
+    vocab = with_draft_vocab(finished_run, model, tmp_path / "source")
+    sets = ["train.max_steps=2", "train.save_every=1", "train.log_every=1", "train.eval_every=0",
+            f"exits.init_from={tmp_path / 'source'}"]
+    real_step = interrupt_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "resumed", *sets))
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    shutil.rmtree(tmp_path / "source")
+    train(*configure(None, [], {"train.output": str(tmp_path / "resumed")}, resume=True))
+    assert torch.equal(load_exits(model, tmp_path / "resumed")[0].draft_vocab, vocab)
+
 HOLD_LOCK = """
 import sys
 from pathlib import Path

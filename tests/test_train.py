@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from balspec import cli
-from balspec.checkpoint import load_exits
+from balspec.checkpoint import load_exits, save_exits
 from balspec.errors import BalspecError
 from balspec.exits import attach_exits, model_parts
 from balspec.tiny import tiny_model, tiny_tokenizer
@@ -271,6 +271,39 @@ def test_init_from_continues_from_a_checkpoint(trained, tmp_path):
         assert torch.allclose(a, b, atol=1e-6)
     with pytest.raises(BalspecError, match="has no exit 3"):
         train(tiny_config(tmp_path / "bad", f"exits.init_from={output}", "exits.layers=[3]", "train.max_steps=1"))
+
+
+
+def with_draft_vocab(run: Path, model, to: Path) -> torch.Tensor:
+    """A copy of the exits of `run` at `to` that also holds a draft vocabulary; returns the vocabulary."""
+    exits, _ = load_exits(model, run)
+    exits.draft_vocab = torch.arange(3, 131)
+    save_exits(exits, model, to)
+    return exits.draft_vocab
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines() if "loss" in ln]
+
+
+def test_continued_exits_keep_the_draft_vocabulary_they_had(trained, tmp_path):
+    """Exits continued from a checkpoint with a draft vocabulary (the shipped exits have one) keep it in every
+    checkpoint and the final exits, recorded as such, so they draft through the same reduced head; their loss is
+    still the KL over every token: the same as from a checkpoint without one."""
+    output, seen = trained
+    model = seen["model"]
+    vocab = with_draft_vocab(output, model, tmp_path / "with-vocab")
+    sets = ["exits.layers=[4]", "train.max_steps=2", "train.save_every=1", "train.log_every=1", "train.eval_every=0"]
+    train(tiny_config(tmp_path / "kept", f"exits.init_from={tmp_path / 'with-vocab'}", *sets))
+    train(tiny_config(tmp_path / "plain", f"exits.init_from={output}", *sets))
+    kept = tmp_path / "kept"
+    for path in (kept, *sorted((kept / "checkpoints").iterdir())):
+        assert torch.equal(load_exits(model, path)[0].draft_vocab, vocab), path
+    meta = json.loads((kept / "balspec.json").read_text())
+    assert meta["draft_vocab"] == {"size": 128, "source": f"exits.init_from: {tmp_path / 'with-vocab'}"}
+    assert load_exits(model, tmp_path / "plain")[0].draft_vocab is None
+    assert "draft_vocab" not in json.loads((tmp_path / "plain" / "balspec.json").read_text())
+    assert len(losses(kept)) == 2 and losses(kept) == losses(tmp_path / "plain")
 
 
 def test_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from balspec.checkpoint import init_exits_from, read_draft_vocab, save_exits
+from balspec.checkpoint import init_exits_from, read_draft_vocab, read_meta, save_exits
 from balspec.errors import BalspecError
 from balspec.exits import Exits, attach_exits, model_parts, with_control_tokens
 from balspec.files import writing
@@ -78,9 +78,14 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                          seed=c.train.seed, draft_exits=c.exits.draft, module=module).float()  # fp32 master weights
     if c.exits.init_from and resume_from is None:  # resumed: the checkpoint's weights replace them anyway
         init_exits_from(exits, model, c.exits.init_from)
-    if c.loss.draft_vocab is not None:  # kept with the trained exits: they draft through it, EOS included
+    if resume_from is not None and read_meta(resume_from).get("draft_vocab") is not None:
+        exits.draft_vocab = read_draft_vocab(model, resume_from, "--resume")  # as the run saved it
+    elif c.loss.draft_vocab is not None:  # kept with the trained exits: they draft through it, EOS included
         vocab = read_draft_vocab(model, draft_vocab_path(c.loss.draft_vocab), "loss.draft_vocab")
         exits.draft_vocab = with_control_tokens(vocab, control_token_ids(model, tokenizer))
+    elif c.exits.init_from and resume_from is None:  # continued exits keep the draft head they had
+        exits.draft_vocab = inherited_draft_vocab(model, Path(c.exits.init_from))
+    loss_vocab = exits.draft_vocab if c.loss.draft_vocab is not None else None
     blocks, eval_blocks = load_blocks(c.data, tokenizer, c.train.seed, accelerator.process_index,
                                       accelerator.num_processes)  # eval_blocks: all of them, a Batch
 
@@ -91,7 +96,7 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                                       c.loss.ce_weight, c.loss.chunk_size, original)
         else:
             distiller = Distiller(exits, c.loss.ce_weight, c.loss.chunk_size, c.train.gradient_checkpointing,
-                                  c.exits.draft_chain, exits.draft_vocab)
+                                  c.exits.draft_chain, loss_vocab)
         optimizer = build_optimizer(distiller, c)
         # Not prepared: a prepared scheduler steps once per process; this one steps once per optimizer step.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(c))
@@ -171,7 +176,7 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                 if base_trains:  # the model's files first: balspec.json, written last, marks a finished run
                     save_base(model, tokenizer, output)
                 save_exits(final, model, output, dtype=parts.head.weight.dtype, training=record(),
-                           draft_vocab_info=draft_vocab_info(c), train_base=base_trains)
+                           draft_vocab_info=draft_vocab_info(c, final), train_base=base_trains)
         accelerator.wait_for_everyone()
     return output
 
@@ -183,9 +188,23 @@ def draft_vocab_path(name: str) -> Path:
     return DEFAULT_EXITS_DIR if name == "default" else Path(name)
 
 
-def draft_vocab_info(c: TrainingConfig) -> dict | None:
-    """balspec.json's record of a vocabulary the exits were trained over (its size is added on save)."""
-    return None if c.loss.draft_vocab is None else {"source": f"loss.draft_vocab: {c.loss.draft_vocab}"}
+def inherited_draft_vocab(model, init_from: Path) -> torch.Tensor | None:
+    """The draft vocabulary [V] of the checkpoint exits.init_from continues, or None where it has none: continued
+    exits draft through the same reduced head as before (the shipped exits' 8,195 rows instead of the whole
+    vocabulary), while their loss stays the KL over every token. A resumed run reads it from its own checkpoint."""
+    if read_meta(init_from).get("draft_vocab") is None:
+        return None
+    return read_draft_vocab(model, init_from, "exits.init_from")
+
+
+def draft_vocab_info(c: TrainingConfig, exits: Exits) -> dict | None:
+    """balspec.json's record of the draft vocabulary the exits keep (its size is added on save): the one they were
+    trained over (loss.draft_vocab) or the one of the checkpoint they continue (exits.init_from)."""
+    if c.loss.draft_vocab is not None:
+        return {"source": f"loss.draft_vocab: {c.loss.draft_vocab}"}
+    if exits.draft_vocab is not None:
+        return {"source": f"exits.init_from: {c.exits.init_from}"}
+    return None
 
 
 def step_seed(seed: int, step: int, process: int) -> int:
@@ -293,7 +312,7 @@ def save_checkpoint(accelerator, distiller, optimizer, scheduler, blocks, progre
         if accelerator.is_main_process:
             if trains_base(c):
                 save_base(model, tokenizer, partial)
-            save_exits(exits, model, partial, training=training, draft_vocab_info=draft_vocab_info(c),
+            save_exits(exits, model, partial, training=training, draft_vocab_info=draft_vocab_info(c, exits),
                        train_base=trains_base(c))
             os.replace(partial, final)  # configure refused a `final` that balspec did not write
             for old in checkpoints(output)[:-c.train.keep_checkpoints]:

@@ -52,7 +52,7 @@ def load_state(directory: Path, accelerator, exits, optimizer, scheduler, blocks
     Anything damaged, from another balspec or another setup stops with one line; nothing is unpickled."""
     from safetensors.torch import load_file
 
-    from balspec.checkpoint import META_FILE, WEIGHTS_FILE, sha256_file
+    from balspec.checkpoint import DRAFT_VOCAB_KEY, META_FILE, WEIGHTS_FILE, sha256_file
 
     trainer_file = directory / TRAINER_FILE
     if not trainer_file.exists():
@@ -74,7 +74,9 @@ def load_state(directory: Path, accelerator, exits, optimizer, scheduler, blocks
     with _reading(weights_file):
         if sha256_file(weights_file) != checksum:
             raise ValueError(f"its checksum does not match {META_FILE}")
-        exits.load_state_dict(load_file(weights_file))
+        weights = load_file(weights_file)
+        weights.pop(DRAFT_VOCAB_KEY, None)  # not a weight: train() took it from this checkpoint already
+        exits.load_state_dict(weights)
     with _reading(directory / OPTIMIZER_FILE):
         optimizer.load_state_dict(join_optimizer_state(load_file(directory / OPTIMIZER_FILE), trainer["optimizer"],
                                                        optimizer))
