@@ -247,7 +247,7 @@ def load_exits(model: nn.Module, path: str | Path) -> tuple[Exits, dict]:
     exits.layer_init = meta.get("layer_init", "last")
     draft_vocab = tensors.pop(DRAFT_VOCAB_KEY, None)
     if draft_vocab is not None:
-        exits.draft_vocab = _checked_vocab(draft_vocab, model, f"{path / WEIGHTS_FILE}: its draft vocabulary")
+        exits.draft_vocab = checked_vocab(draft_vocab, model, f"{path / WEIGHTS_FILE}: its draft vocabulary")
     missing, unexpected = exits.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise BalspecError(f"{path / WEIGHTS_FILE} does not match {META_FILE} "
@@ -267,10 +267,10 @@ def read_draft_vocab(model: nn.Module, path: str | Path, where: str) -> torch.Te
         if DRAFT_VOCAB_KEY not in f.keys():
             raise BalspecError(f"{where}: {path} holds no draft vocabulary")
         vocab = f.get_tensor(DRAFT_VOCAB_KEY)
-    return _checked_vocab(vocab, model, f"{where}: the draft vocabulary in {path}")
+    return checked_vocab(vocab, model, f"{where}: the draft vocabulary in {path}")
 
 
-def _checked_vocab(vocab: torch.Tensor, model: nn.Module, what: str) -> torch.Tensor:
+def checked_vocab(vocab: torch.Tensor, model: nn.Module, what: str) -> torch.Tensor:
     size = model_parts(model).head.weight.shape[0]
     if vocab.dim() != 1 or vocab.numel() == 0 or int(vocab.min()) < 0 or int(vocab.max()) >= size \
             or vocab.unique().numel() != vocab.numel():

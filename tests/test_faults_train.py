@@ -189,23 +189,31 @@ def test_a_run_whose_init_checkpoint_is_gone_resumes(finished_run, tmp_path, mon
 
 
 
-def test_a_resumed_run_keeps_the_draft_vocabulary_of_a_checkpoint_now_gone(finished_run, tmp_path, monkeypatch):
-    """The inherited draft vocabulary is read from the run's own checkpoint on resume, not from exits.init_from."""
-    from balspec.checkpoint import load_exits
+@pytest.mark.parametrize("train_base", [False, True])
+def test_a_resumed_run_keeps_the_draft_vocabulary_of_a_checkpoint_now_gone(finished_run, tmp_path, monkeypatch,
+                                                                          train_base):
+    """The inherited draft vocabulary is read from the run's own checkpoint on resume, not from exits.init_from;
+    also where the base trains (the checkpoint is then for the trained base, not the one loaded at start). A
+    damaged checkpoint is refused in one line before anything else reads it."""
     from balspec.models import load_model
     from tests.test_train import with_draft_vocab
 
     model, _ = load_model("tiny-random")
     vocab = with_draft_vocab(finished_run, model, tmp_path / "source")
     sets = ["train.max_steps=2", "train.save_every=1", "train.log_every=1", "train.eval_every=0",
-            f"exits.init_from={tmp_path / 'source'}"]
+            f"exits.init_from={tmp_path / 'source'}", f"exits.train_base={str(train_base).lower()}"]
     real_step = interrupt_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(tmp_path / "resumed", *sets))
     monkeypatch.setattr(train_module, "train_step", real_step)
     shutil.rmtree(tmp_path / "source")
+    damaged = shutil.copytree(tmp_path / "resumed", tmp_path / "damaged")
+    weights = damaged / "checkpoints" / "step-0000001" / "exits.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(BalspecError, match="is damaged or does not fit this run"):
+        train(*configure(None, [], {"train.output": str(damaged)}, resume=True))
     train(*configure(None, [], {"train.output": str(tmp_path / "resumed")}, resume=True))
-    assert torch.equal(load_exits(model, tmp_path / "resumed")[0].draft_vocab, vocab)
+    assert torch.equal(load_file(tmp_path / "resumed" / "exits.safetensors")["draft_vocab"], vocab)
 
 HOLD_LOCK = """
 import sys

@@ -39,7 +39,7 @@ from balspec.training.run import (
     truncate_metrics,
 )
 from balspec.training.sorted import BaseDistiller, frozen_copy, load_base, needs_original, save_base, trains_base
-from balspec.training.trainstate import load_state, save_state
+from balspec.training.trainstate import load_state, save_state, saved_draft_vocab
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                          seed=c.train.seed, draft_exits=c.exits.draft, module=module).float()  # fp32 master weights
     if c.exits.init_from and resume_from is None:  # resumed: the checkpoint's weights replace them anyway
         init_exits_from(exits, model, c.exits.init_from)
-    if resume_from is not None and read_meta(resume_from).get("draft_vocab") is not None:
-        exits.draft_vocab = read_draft_vocab(model, resume_from, "--resume")  # as the run saved it
+    saved_vocab = saved_draft_vocab(resume_from, model) if resume_from is not None else None
+    if saved_vocab is not None:
+        exits.draft_vocab = saved_vocab  # as the run saved it
     elif c.loss.draft_vocab is not None:  # kept with the trained exits: they draft through it, EOS included
         vocab = read_draft_vocab(model, draft_vocab_path(c.loss.draft_vocab), "loss.draft_vocab")
         exits.draft_vocab = with_control_tokens(vocab, control_token_ids(model, tokenizer))

@@ -52,7 +52,7 @@ def load_state(directory: Path, accelerator, exits, optimizer, scheduler, blocks
     Anything damaged, from another balspec or another setup stops with one line; nothing is unpickled."""
     from safetensors.torch import load_file
 
-    from balspec.checkpoint import DRAFT_VOCAB_KEY, META_FILE, WEIGHTS_FILE, sha256_file
+    from balspec.checkpoint import DRAFT_VOCAB_KEY, WEIGHTS_FILE
 
     trainer_file = directory / TRAINER_FILE
     if not trainer_file.exists():
@@ -68,14 +68,9 @@ def load_state(directory: Path, accelerator, exits, optimizer, scheduler, blocks
     if trainer.get("optimizer") is None:
         raise BalspecError(f"--resume: {directory} was written under FSDP or DeepSpeed, whose sharded optimizer "
                            "state balspec does not save; start a new run with --set exits.init_from=<it>")
-    weights_file = directory / WEIGHTS_FILE
-    with _reading(directory / META_FILE):
-        checksum = json.loads((directory / META_FILE).read_text())["weights_sha256"]
-    with _reading(weights_file):
-        if sha256_file(weights_file) != checksum:
-            raise ValueError(f"its checksum does not match {META_FILE}")
-        weights = load_file(weights_file)
-        weights.pop(DRAFT_VOCAB_KEY, None)  # not a weight: train() took it from this checkpoint already
+    weights = _checked_weights(directory)
+    weights.pop(DRAFT_VOCAB_KEY, None)  # not a weight: train() took it from this checkpoint (saved_draft_vocab)
+    with _reading(directory / WEIGHTS_FILE):
         exits.load_state_dict(weights)
     with _reading(directory / OPTIMIZER_FILE):
         optimizer.load_state_dict(join_optimizer_state(load_file(directory / OPTIMIZER_FILE), trainer["optimizer"],
@@ -135,6 +130,31 @@ def _sharded(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def saved_draft_vocab(directory: Path, model) -> torch.Tensor | None:
+    """The draft vocabulary [V] (int64 token ids) a checkpoint stored beside its weights, or None. Read before
+    the run's loss is built (it may depend on it); the weights' base is checked by the resume, not here: a run
+    that trains the base saved its checkpoint for the base as trained."""
+    from balspec.checkpoint import DRAFT_VOCAB_KEY, WEIGHTS_FILE, checked_vocab
+
+    vocab = _checked_weights(directory).get(DRAFT_VOCAB_KEY)
+    return None if vocab is None else checked_vocab(vocab, model, f"--resume: the draft vocabulary in {directory / WEIGHTS_FILE}")
+
+
+def _checked_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """exits.safetensors of a checkpoint, its checksum matched against balspec.json; any failure in one line."""
+    from safetensors.torch import load_file
+
+    from balspec.checkpoint import META_FILE, WEIGHTS_FILE, sha256_file
+
+    weights_file = directory / WEIGHTS_FILE
+    with _reading(directory / META_FILE):
+        checksum = json.loads((directory / META_FILE).read_text())["weights_sha256"]
+    with _reading(weights_file):
+        if sha256_file(weights_file) != checksum:
+            raise ValueError(f"its checksum does not match {META_FILE}")
+        return load_file(weights_file)
 
 
 @contextmanager
