@@ -76,16 +76,12 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
     module = "shared-head" if c.method == "sorted" else c.exits.module
     exits = attach_exits(model, c.exits.layers, c.exits.norm_init, c.exits.layer_init, c.exits.balcony_layers,
                          seed=c.train.seed, draft_exits=c.exits.draft, module=module).float()  # fp32 master weights
-    if c.exits.init_from and resume_from is None:  # resumed: the checkpoint's weights replace them anyway
-        init_exits_from(exits, model, c.exits.init_from)
-    saved_vocab = saved_draft_vocab(resume_from, model) if resume_from is not None else None
-    if saved_vocab is not None:
-        exits.draft_vocab = saved_vocab  # as the run saved it
-    elif c.loss.draft_vocab is not None:  # kept with the trained exits: they draft through it, EOS included
-        vocab = read_draft_vocab(model, draft_vocab_path(c.loss.draft_vocab), "loss.draft_vocab")
-        exits.draft_vocab = with_control_tokens(vocab, control_token_ids(model, tokenizer))
-    elif c.exits.init_from and resume_from is None:  # continued exits keep the draft head they had
-        exits.draft_vocab = inherited_draft_vocab(model, Path(c.exits.init_from))
+    if resume_from is None:
+        if c.exits.init_from:
+            init_exits_from(exits, model, c.exits.init_from)
+        exits.draft_vocab = starting_draft_vocab(c, model, tokenizer)
+    else:  # the checkpoint's weights replace the exits' anyway; its draft vocabulary is the run's
+        exits.draft_vocab = saved_draft_vocab(resume_from, model)
     loss_vocab = exits.draft_vocab if c.loss.draft_vocab is not None else None
     blocks, eval_blocks = load_blocks(c.data, tokenizer, c.train.seed, accelerator.process_index,
                                       accelerator.num_processes)  # eval_blocks: all of them, a Batch
@@ -189,13 +185,17 @@ def draft_vocab_path(name: str) -> Path:
     return DEFAULT_EXITS_DIR if name == "default" else Path(name)
 
 
-def inherited_draft_vocab(model, init_from: Path) -> torch.Tensor | None:
-    """The draft vocabulary [V] of the checkpoint exits.init_from continues, or None where it has none: continued
-    exits draft through the same reduced head as before (the shipped exits' 8,195 rows instead of the whole
-    vocabulary), while their loss stays the KL over every token. A resumed run reads it from its own checkpoint."""
-    if read_meta(init_from).get("draft_vocab") is None:
-        return None
-    return read_draft_vocab(model, init_from, "exits.init_from")
+def starting_draft_vocab(c: TrainingConfig, model, tokenizer) -> torch.Tensor | None:
+    """The draft vocabulary [V] (token ids) a new run's exits keep: the one their KL is taken over
+    (loss.draft_vocab, with the EOS and chat-control tokens a draft must be able to propose), else the one of the
+    checkpoint they continue (exits.init_from), so they draft through the same reduced head as before (the
+    shipped exits' 8,195 rows instead of the whole vocabulary) while their KL stays over every token; else None."""
+    if c.loss.draft_vocab is not None:
+        vocab = read_draft_vocab(model, draft_vocab_path(c.loss.draft_vocab), "loss.draft_vocab")
+        return with_control_tokens(vocab, control_token_ids(model, tokenizer))
+    if c.exits.init_from and read_meta(c.exits.init_from).get("draft_vocab") is not None:
+        return read_draft_vocab(model, c.exits.init_from, "exits.init_from")
+    return None
 
 
 def draft_vocab_info(c: TrainingConfig, exits: Exits) -> dict | None:
