@@ -382,3 +382,25 @@ def test_adaptive_drafting_reads_the_device_once_per_draft(monkeypatch):
         cycle = engine.cycle(token, len(ids), 3, 8, Sampling(), None, adaptive=True)
     reads = len(syncs) - 1  # one per draft made: the kept ones and, where the chain ended unsure, a dropped one
     assert syncs == ["item"] * reads + ["tolist"] and len(cycle.drafts) <= reads <= len(cycle.drafts) + 1
+
+
+def test_adaptive_drafting_near_temperature_0_drafts_as_greedy_does():
+    """--draft-len auto judges a draft by the exit's own distribution, not the temperature-sharpened one: near
+    temperature 0 that one is one-hot, so every draft looked sure and each cycle drafted the longest chain."""
+    bm = make_bm()
+    engine, ids = bm.engine, list(range(30, 41))
+    drafted = {}
+    for sampling in (Sampling(), Sampling(temperature=1e-4)):
+        engine.reset(128)
+        generator = torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            token = torch.tensor([[int(engine.prefill(torch.tensor([ids]), "speculative", 3)[0].argmax())]])
+            start, counts = len(ids), []
+            for _ in range(5):
+                cycle = engine.cycle(token, start, 3, 8, sampling, generator, adaptive=True)
+                counts.append(len(cycle.drafts))
+                start += len(cycle.tokens)
+                token = torch.tensor([[cycle.tokens[-1]]])
+        drafted[sampling.greedy] = counts
+    assert max(drafted[True]) < 8  # a random balcony is unsure: greedy auto stops early
+    assert drafted[False] == drafted[True]

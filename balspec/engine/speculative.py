@@ -373,7 +373,7 @@ class Engine:
             d, q = self.pick_draft(logits, sampling, generator)
             if i == 0 and width > 1:
                 siblings = self.alternatives(logits, width)
-            sure = not adaptive or _top_probability(logits, q) >= AUTO_MIN_CONFIDENCE
+            sure = not adaptive or _top_probability(logits) >= AUTO_MIN_CONFIDENCE
             if not sure and siblings is None:
                 dropped = True
                 break
@@ -434,9 +434,12 @@ class Engine:
         return Cycle(tokens=drafted[:n] + [next_token], drafts=drafted, accepted=n)
 
 
-def _top_probability(logits: torch.Tensor, q: torch.Tensor | None) -> float:
-    """The draft's confidence, for adaptive drafting (one host sync per draft token)."""
-    return (q if q is not None else logits.float().softmax(-1)).max().item()
+def _top_probability(logits: torch.Tensor) -> float:
+    """The draft's confidence, for adaptive drafting (one host sync per draft token): the top probability of
+    the exit's own distribution (temperature 1, as it was trained by KL), whatever the sampling settings. The
+    sampling distribution q is no measure: near temperature 0 it is one-hot, so every draft looked sure and
+    each cycle drafted AUTO_MAX_DRAFT tokens the full model mostly rejected."""
+    return logits.float().softmax(-1).max().item()
 
 
 def sync_device(device) -> None:
