@@ -53,6 +53,11 @@ def generate(
     layer_path: str = typer.Option("auto", "--layer-path", help="How decoder layers run: auto (balspec's lean "
                                    "forward where a check at start shows it exact, else generic), lean or generic "
                                    "(the model's own layer modules)."),
+    static_cache: bool = typer.Option(False, "--static-cache", help="Static-shape passes: K/V written by index, "
+                                      "attention over the whole cache under a position mask (what --compile needs)."),
+    compile: bool = typer.Option(False, "--compile", help="Static shapes, and each decode step, draft step and "
+                                 "verify compiled with torch.compile(mode='reduce-overhead'): CUDA graphs on a GPU. "
+                                 "The first pass of each shape compiles (seconds)."),
 ) -> None:
     """Generate text with the full model, an exit's sub-model, or speculatively (exact full-model output).
 
@@ -76,7 +81,7 @@ def generate(
     from balspec.generate import load
 
     bm = load(model=model, exits=exits_path, dtype=dtype, device=device, draft_vocab=not full_draft_head,
-              logits_dtype=logits_dtype, layer_path=layer_path)
+              logits_dtype=logits_dtype, layer_path=layer_path, static_cache=static_cache, compile=compile)
     kwargs = dict(mode=mode, exit=exit_layer, draft_len=draft_len, draft_width=draft_width,
                   max_new_tokens=max_new_tokens,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=not raw, stop=stop)
@@ -219,6 +224,11 @@ def bench(
     layer_path: str = typer.Option("auto", "--layer-path", help="How decoder layers run: auto (balspec's lean "
                                    "forward where a check at start shows it exact, else generic), lean or generic "
                                    "(the model's own layer modules)."),
+    static_cache: bool = typer.Option(False, "--static-cache", help="Static-shape passes: K/V written by index, "
+                                      "attention over the whole cache under a position mask (what --compile needs)."),
+    compile: bool = typer.Option(False, "--compile", help="Static shapes, and each decode step, draft step and "
+                                 "verify compiled with torch.compile(mode='reduce-overhead'): CUDA graphs on a GPU. "
+                                 "The first pass of each shape compiles (seconds)."),
 ) -> None:
     """Measure acceptance, tokens per cycle (tau) and wall-clock speedup per exit and draft length.
 
@@ -238,6 +248,8 @@ def bench(
         balspec bench --exits 12 --peers hf,hf-early-exit,prompt-lookup --plot bench.png
 
         balspec bench --exits 8 --layer-path generic --json --output bench-generic.json
+
+        balspec bench --exits 8,12 --draft-len 1,2,4 --device cuda --dtype bfloat16 --compile
     """
     import shlex
 
@@ -275,7 +287,7 @@ def bench(
     bench_lib.check_numbers(opts)
     prompt_set = load_prompts(prompts, num_prompts)
     bm = load(model=model, exits=path, dtype=dtype, device=device, draft_vocab=not full_draft_head,
-              logits_dtype=logits_dtype, layer_path=layer_path)
+              logits_dtype=logits_dtype, layer_path=layer_path, static_cache=static_cache, compile=compile)
     bench_lib.check_options(bm, opts)
     with report.progress_bar() as on_step:
         result = bench_lib.run_bench(bm, prompt_set, opts, command=shlex.join(["balspec", *sys.argv[1:]]),

@@ -103,7 +103,7 @@ def default_exits_path(model_name: str | None) -> Path | None:
 
 def load(model: str | None = None, exits: str | Path | None = None, dtype: str = "float32",
          device: str | None = None, draft_vocab: bool = True, logits_dtype: str = "model",
-         layer_path: str | None = None) -> "BalconyModel":
+         layer_path: str | None = None, static_cache: bool = False, compile: bool = False) -> "BalconyModel":
     """Load a base model (default: the embedded SmolLM2-135M-Instruct) and an exits checkpoint.
 
     exits=None loads the shipped exits of the default model; other models run `full` mode only until
@@ -113,12 +113,14 @@ def load(model: str | None = None, exits: str | Path | None = None, dtype: str =
     ("model", the default: in dtype; measured, fp32 logits did not reduce bf16 mismatches: README).
     layer_path: "lean" or "generic" forces how the engine runs decoder layers (speculative.Engine); "auto" or
     None chooses by a check at start. A bad value, or "lean" where it is not exact: BalspecError.
+    static_cache / compile: static-shape passes, and those captured by torch.compile(mode="reduce-overhead")
+    (CUDA graphs on a GPU); speculative.Engine says more.
     """
     hf_model, tokenizer = load_model(model, dtype, device or default_device())
     path = Path(exits) if exits is not None else default_exits_path(model)
     exit_modules, meta = load_exits(hf_model, path) if path is not None else (None, None)
     vocab = exit_modules.draft_vocab if draft_vocab and exit_modules is not None else None
-    return BalconyModel(hf_model, tokenizer, exit_modules, meta, vocab, logits_dtype, layer_path)
+    return BalconyModel(hf_model, tokenizer, exit_modules, meta, vocab, logits_dtype, layer_path, static_cache, compile)
 
 
 class BalconyModel:
@@ -126,12 +128,13 @@ class BalconyModel:
 
     def __init__(self, model, tokenizer, exits: Exits | None = None, meta: dict | None = None,
                  draft_vocab: torch.Tensor | None = None, logits_dtype: str = "model",
-                 layer_path: str | None = None):
+                 layer_path: str | None = None, static_cache: bool = False, compile: bool = False):
         self.model, self.tokenizer, self.exit_modules, self.meta = model, tokenizer, exits, meta or {}
         self.eos_ids = eos_token_ids(model, tokenizer)
         if draft_vocab is not None:  # whatever the checkpoint stored, the drafts can end a reply
             draft_vocab = with_control_tokens(draft_vocab, control_token_ids(model, tokenizer))
-        self.engine = Engine(model, exits, draft_vocab, logits_dtype=logits_dtype, layer_path=layer_path)
+        self.engine = Engine(model, exits, draft_vocab, logits_dtype=logits_dtype, layer_path=layer_path,
+                             static_cache=static_cache, compile=compile)
         self.device = self.engine.device
 
     @property

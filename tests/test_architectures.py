@@ -53,13 +53,13 @@ def build(kind, seed=0):
     return model
 
 
-def make_bm(kind, exits=(1, 3), draft_exits=(), layer_path=None):
+def make_bm(kind, exits=(1, 3), draft_exits=(), layer_path=None, static_cache=False):
     model = build(kind)
     modules = attach_exits(model, list(exits), draft_exits=list(draft_exits)).requires_grad_(False).eval()
     with torch.no_grad():  # balconies that differ from the last layer, so drafts are sometimes wrong
         for p in modules.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
-    return BalconyModel(model, tiny_tokenizer(), modules, layer_path=layer_path)
+    return BalconyModel(model, tiny_tokenizer(), modules, layer_path=layer_path, static_cache=static_cache)
 
 
 def prompt(length, salt=0):
@@ -80,9 +80,10 @@ def engine_logits(bm, ids):
     return torch.cat(rows)
 
 
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_full_logits_equal_the_models_own_forward(kind):
-    bm = make_bm(kind)
+def test_full_logits_equal_the_models_own_forward(kind, static_cache):
+    bm = make_bm(kind, static_cache=static_cache)
     ids = prompt(16)  # beyond the window: its sliding layers attend over the last WINDOW positions only
     with torch.inference_mode():
         reference = bm.model(torch.tensor([ids])).logits[0, 8:]
@@ -90,9 +91,11 @@ def test_full_logits_equal_the_models_own_forward(kind):
     assert bm.engine.layer_path == configs()[kind][2]
 
 
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_greedy_speculative_equals_full(kind):
-    bm = make_bm(kind)
+def test_greedy_speculative_equals_full(kind, static_cache):
+    """Also with static shapes (--static-cache): masks over the whole cache, sliding windows included."""
+    bm = make_bm(kind, static_cache=static_cache)
     ids = prompt(9)
     full = bm.generate(ids, mode="full", max_new_tokens=16, eos=False)
     accepted = drafted = 0

@@ -327,3 +327,16 @@ def test_a_run_over_a_draft_vocabulary_resumes_exactly(tmp_path, monkeypatch):
         load_file(tmp_path / "resumed" / "exits.safetensors")
     assert straight.keys() == resumed.keys() and "draft_vocab" in resumed
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_static_cache_refuses_draft_exits_and_runs_sub_model_exits():
+    """Static shapes (--static-cache, --compile) do not write a draft-kind balcony's deep K/V: refused in one
+    line, while a sub-model exit of the same checkpoint runs and equals full."""
+    model = sharp_model()
+    modules = attach_exits(model, DRAFT + SUB, draft_exits=DRAFT).requires_grad_(False).eval()
+    static = BalconyModel(model, tiny_tokenizer(), modules, static_cache=True)
+    with pytest.raises(BalspecError, match="draft-kind exit .* dynamic cache"):
+        static.generate([5, 6, 7], mode="speculative", exit=3, max_new_tokens=4)
+    full = static.generate([5, 6, 7], mode="full", max_new_tokens=12, eos=False).token_ids
+    assert static.generate([5, 6, 7], mode="speculative", exit=4, draft_len=2, max_new_tokens=12,
+                           eos=False).token_ids == full

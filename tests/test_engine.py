@@ -404,3 +404,22 @@ def test_adaptive_drafting_near_temperature_0_drafts_as_greedy_does():
         drafted[sampling.greedy] = counts
     assert max(drafted[True]) < 8  # a random balcony is unsure: greedy auto stops early
     assert drafted[False] == drafted[True]
+
+
+def test_compiled_passes_equal_eager_and_compile_once_per_shape():
+    """--compile: each pass shape (full step, draft step, balcony, verify per k) is compiled once, whatever the
+    position it runs at (the position is a device tensor, not a constant the graph is specialised on), and the
+    output equals the eager engine's. On CUDA these are the graphs that replay; here inductor's CPU code."""
+    from torch._dynamo.utils import counters
+
+    model = sharp_model()
+    modules = attach_exits(model, EXITS).requires_grad_(False).eval()
+    compiled = BalconyModel(model, tiny_tokenizer(), modules, compile=True)
+    eager = make_bm()
+    before = counters["stats"]["unique_graphs"]
+    for prompt in ([5, 6, 7], list(range(40, 57))):  # a second prompt: other positions, the same shapes
+        for kwargs in (dict(mode="full"), dict(mode="speculative", exit=3, draft_len=2)):
+            want = eager.generate(prompt, max_new_tokens=20, eos=False, **kwargs).token_ids
+            assert compiled.generate(prompt, max_new_tokens=20, eos=False, **kwargs).token_ids == want
+    assert compiled.engine.compiled_passes >= 4  # full step, draft step, balcony, verify
+    assert counters["stats"]["unique_graphs"] - before == compiled.engine.compiled_passes

@@ -45,3 +45,22 @@ class KVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
+
+
+class StaticWrites:
+    """The cache as a static-shape pass sees it (Engine with static_cache): K/V of the pass's rows are written at
+    the cache indices `index` [rows] (a device tensor, so a captured graph replays at any position) and the
+    layer attends over the whole storage, [1, kv_heads, max_len, head_dim], under a mask that hides every entry
+    not yet valid for its row. The host-side lengths are not touched: masks, not lengths, decide what is seen."""
+
+    def __init__(self, cache: KVCache, index: torch.Tensor):
+        self.cache, self.index = cache, index
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs=None):
+        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        keys.index_copy_(2, self.index, key_states)
+        values.index_copy_(2, self.index, value_states)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cache.max_len

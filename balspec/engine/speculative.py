@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from balspec.engine import skinny
 from balspec.engine.architecture import architecture, causal_mask
-from balspec.engine.cache import KVCache
+from balspec.engine.cache import KVCache, StaticWrites
 from balspec.engine.layers import decoder_layer, has_lean_form, key_value, module_layer
 from balspec.engine.sampling import Sampling, accept_greedy, accept_sampling, choose, probabilities
 from balspec.engine.tree import DraftTree, Rows
@@ -55,11 +56,22 @@ class Engine:
     shows it computes this model's layers exactly, else the generic path. Either way the engine's full-mode logits are
     checked against the model's own forward at start (check_forward): nothing runs a formula that differs.
     logits_dtype: "float32" (the full model's LM head in fp32 for bf16/fp16 models) or "model".
+    static_cache: every pass over a few rows has static shapes: the rows write their K/V at cache indices given as
+    a device tensor and attend over the whole cache under a position mask (gpt-fast's form), so nothing about a
+    pass's shapes depends on where in the sequence it runs. Slower on a CPU (attention over max_len keys); it
+    exists so that compile can capture the passes.
+    compile: static_cache, and each draft step, balcony pass, verify (per k and width) and full step is compiled
+    with torch.compile(mode="reduce-overhead"), which on CUDA replays it as a CUDA graph: one launch instead of
+    a few hundred kernels. Prefills stay eager (their length varies). Measured against eager by the GPU plan.
     """
 
     def __init__(self, model: torch.nn.Module, exits: Exits | None = None, draft_vocab: torch.Tensor | None = None,
-                 logits_dtype: str = "model", layer_path: str | None = None):
+                 logits_dtype: str = "model", layer_path: str | None = None, static_cache: bool = False,
+                 compile: bool = False):
         self.model = model
+        self.static, self.compiled = static_cache or compile, compile
+        self._passes: dict[tuple, Callable] = {}  # static passes by their shape, compiled or not (_static_pass)
+        self.compiled_passes = 0  # how many pass shapes were handed to torch.compile
         self.parts = model_parts(model)
         self.exits = exits
         self.num_layers = self.parts.num_layers
@@ -163,12 +175,20 @@ class Engine:
 
     # -- storage -----------------------------------------------------------------------------------
     def reset(self, max_len: int) -> None:
-        """Empty every cache slot; storage and rotary tables are re-allocated only when they must grow."""
+        """Empty every cache slot; storage and rotary tables are re-allocated only when they must grow (static
+        shapes: to a power of two, at least 256, since new storage means new graphs)."""
+        if self.static:
+            max_len = max(256, 1 << (max_len - 1).bit_length())
         if self.cache is None or self.cache.max_len < max_len:
             slots = self.exits.num_cache_slots if self.exits is not None else self.num_layers
             self.cache = KVCache(slots, max_len, self.model.config.num_key_value_heads, self._head_dim(), self.dtype,
                                  self.device)
             self._rope = self._rope_tables(max_len)
+            self._key_index = torch.arange(max_len, device=self.device)  # static passes: every cache index
+            self._passes.clear()  # their graphs hold the old storage
+            if self.compiled:  # the K/V storage a captured graph writes into stays where it is
+                torch._dynamo.mark_static_address(self.cache.keys)
+                torch._dynamo.mark_static_address(self.cache.values)
         self.cache.rollback(range(len(self.cache.lengths)), 0)
 
     def _head_dim(self) -> int:
@@ -195,6 +215,8 @@ class Engine:
         Without a tree the rows are consecutive tokens; with one they are rows first.. of the cycle's tree, whose
         root (the pending token) sits at cache position `start`; each sees the cache before the root and its own
         ancestors. A sliding-window layer's rows see, of those, only the keys less than its window behind them."""
+        if self.static:
+            return self._static_rows(self._position(start), length, tree, first)
         if tree is None:
             positions = slice(start, start + length)
             allowed = None if length == 1 else \
@@ -212,6 +234,59 @@ class Engine:
             views[kind] = ((cos[:, positions], sin[:, positions]),
                            None if mask is None else self._mask_format(mask[None, None]))  # [1, 1, rows, keys]
         return Rows(views)
+
+    def _position(self, start: int) -> torch.Tensor:
+        """A cache position as a 0-d device tensor, made by a fill (no host-to-device copy, no sync)."""
+        return torch.full((), start, dtype=torch.long, device=self.device)
+
+    def _static_rows(self, start: torch.Tensor, length: int, tree: DraftTree | None, first: int) -> Rows:
+        """rows() in static shapes: `start` a 0-d device tensor, masks [1, 1, rows, max_len] over the whole cache.
+        Row r of the cycle (tree row, or r-th consecutive token) writes at cache index start + r; it sees every
+        index below start (all verified), the indices of its ancestors and itself, and nothing else: entries
+        left behind by rejected drafts sit at higher indices or off its path."""
+        if tree is None:
+            offsets = torch.arange(length, device=self.device)
+            ancestry = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
+            depth, size = offsets, length
+        else:
+            offsets = torch.arange(first, first + length, device=self.device)
+            ancestry, depth, size = tree.allowed[first:first + length], tree.depth[first:first + length], tree.size
+        relative = self._key_index - start  # [max_len]
+        inside = (relative >= 0) & (relative < size)
+        allowed = (relative < 0) | (inside & ancestry[:, relative.clamp(0, size - 1)])  # [rows, max_len]
+        positions = start + depth  # [rows]
+        views = {}
+        for kind, window in self.arch.windows.items():
+            cos, sin = self._rope[kind]
+            mask = allowed if window is None else allowed & (self._key_index > positions[:, None] - window)
+            views[kind] = ((cos[:, positions], sin[:, positions]), self._mask_format(mask[None, None]))
+        return Rows(views, start + offsets)
+
+    def _static_pass(self, layers: tuple[int, int] | int, length: int, tree: DraftTree | None, first: int
+                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The pass (hidden [1, length, hidden], start: 0-d device tensor) -> hidden, through trunk layers
+        (first, last) or the balcony of exit `layers` (then its norm too). Compiled where its shape repeats
+        (one row, or a cycle's tree rows); its output is cloned, since a CUDA graph's next replay overwrites it."""
+        key = (layers, length, None if tree is None else (tree.k, tree.width), first)
+        run = self._passes.get(key)
+        if run is None:
+            if isinstance(layers, tuple):
+                modules, kinds, norm = self.parts.layers[layers[0]:layers[1]], self._kinds[layers[0]:layers[1]], None
+            else:
+                modules, norm = self.exits[layers].layers, self.exits[layers].norm
+                kinds = self._kinds[-1:] * len(modules)
+
+            def run(hidden: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+                out = self._through(modules, kinds, hidden, self._static_rows(start, length, tree, first))
+                return out if norm is None else norm(out)
+
+            if self.compiled and (tree is not None or length == 1):
+                _allow_graphs(len(self._passes) + 1)
+                self.compiled_passes += 1
+                graph = torch.compile(run, mode="reduce-overhead", fullgraph=True, dynamic=False)
+                run = lambda hidden, start: graph(hidden, start).clone()  # noqa: E731
+            self._passes[key] = run
+        return run
 
     def _window(self, allowed: torch.Tensor | None, window: int, start: int, length: int, tree: DraftTree | None,
                 first: int) -> torch.Tensor:
@@ -237,12 +312,20 @@ class Engine:
         hidden = self.parts.embed(tokens)  # [1, q] -> [1, q, hidden]; Gemma's scaling is inside its module
         return hidden if self.arch.embed_multiplier is None else hidden * self.arch.embed_multiplier  # Granite
 
-    def run_layers(self, hidden: torch.Tensor, first: int, last: int, start: int, rows: Rows | None = None
-                   ) -> torch.Tensor:
-        """Trunk layers first+1..last (1-based, as in the paper) over hidden states at positions start..
-        (or over the tree rows `rows` describes)."""
+    def run_layers(self, hidden: torch.Tensor, first: int, last: int, start: int, tree: DraftTree | None = None,
+                   tree_first: int = 0) -> torch.Tensor:
+        """Trunk layers first+1..last (1-based, as in the paper) over hidden states [1, rows, hidden] at positions
+        start.., or over rows tree_first.. of a cycle's tree whose root sits at `start`."""
+        length = hidden.shape[1]
+        if self.static:
+            self._check_room(start + tree_first + length)
+            return self._static_pass((first, last), length, tree, tree_first)(hidden, self._position(start))
         return self._through(self.parts.layers[first:last], self._kinds[first:last], hidden,
-                             rows or self.rows(start, hidden.shape[1]))
+                             self.rows(start, length, tree, tree_first))
+
+    def _check_room(self, end: int) -> None:
+        if end > self.cache.max_len:  # a static pass writes by index: an overflow would fail inside a kernel
+            raise RuntimeError(f"KV cache overflow: {end} > {self.cache.max_len} positions")
 
     def run_balcony(self, exit_layer: int, hidden: torch.Tensor, start: int, pending: bool = False) -> torch.Tensor:
         """Balcony layers and norm of one exit on its trunk hidden states (appends the balcony's KV).
@@ -251,6 +334,9 @@ class Engine:
         balcony = self.exits[exit_layer]
         if pending and balcony.kind == "draft":
             hidden = hidden + self.linear(self.previous_deep, balcony.fuse.weight)
+        if self.static:
+            self._check_room(start + hidden.shape[1])
+            return self._static_pass(exit_layer, hidden.shape[1], None, 0)(hidden, self._position(start))
         kinds = self._kinds[-1:] * len(balcony.layers)  # a copy of the last layer keeps its kind of attention
         return balcony.norm(self._through(balcony.layers, kinds, hidden, self.rows(start, hidden.shape[1])))
 
@@ -269,14 +355,15 @@ class Engine:
         self.previous_deep = final[:, -1:]
 
     def _through(self, layers, kinds: list[str], hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
+        cache = self.cache if rows.index is None else StaticWrites(self.cache, rows.index)
         for layer, kind in zip(layers, kinds):
             rope, mask = rows.views[kind]
             if self.lean and isinstance(layer, HalfLayer):  # a half balcony runs as its modules, on their mask
-                hidden = module_layer(layer, hidden, rope, self._mask_format(mask, lean=False), self.cache)
+                hidden = module_layer(layer, hidden, rope, self._mask_format(mask, lean=False), cache)
             elif self.lean:
-                hidden = decoder_layer(layer, hidden, rope, mask, self.cache, self.linear)
+                hidden = decoder_layer(layer, hidden, rope, mask, cache, self.linear)
             else:
-                hidden = module_layer(layer, hidden, rope, mask, self.cache)
+                hidden = module_layer(layer, hidden, rope, mask, cache)
         return hidden
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -330,6 +417,9 @@ class Engine:
     def prefill(self, prompt: torch.Tensor, mode: str, exit_layer: int | None) -> torch.Tensor:
         """Run the prompt [1, P] through every layer the mode uses; return the logits of its last position."""
         hidden = self.embed(prompt)
+        if self.static and mode == "speculative" and self.is_draft_kind(exit_layer):
+            raise BalspecError(f"exit {exit_layer} is a draft-kind exit (it reads the verified context), which runs "
+                               "only with the dynamic cache: drop --static-cache/--compile")
         if mode == "full":
             return self.full_logits(self.run_layers(hidden, 0, self.num_layers, 0)[:, -1:])[0]
         exit_hidden = self.run_layers(hidden, 0, exit_layer, 0)
@@ -389,10 +479,8 @@ class Engine:
         first = len(exit_hidden)  # the first row whose layers 1..e have not run yet
         if first < tree.size:
             pending = ([] if dropped else [x]) + ([siblings.view(1, -1)] if siblings is not None else [])
-            rows = self.rows(start, tree.size - first, tree, first)
-            exit_hidden.append(self.run_layers(self.embed(torch.cat(pending, 1)), 0, e, start + first, rows))
-        rows = self.rows(start, tree.size, tree)
-        final = self.parts.norm(self.run_layers(torch.cat(exit_hidden, 1), e, n_layers, start, rows))  # [1, rows, hidden]
+            exit_hidden.append(self.run_layers(self.embed(torch.cat(pending, 1)), 0, e, start, tree, first))
+        final = self.parts.norm(self.run_layers(torch.cat(exit_hidden, 1), e, n_layers, start, tree))  # [1, rows, hidden]
         p_logits = self.head_logits(final)[0]  # [rows, vocab]
         # 3. Accept: p_i scores d_i; p_{k+1} gives the bonus token. A rejected d_1 may be replaced by the
         #    sibling the full model chose, whose own row then gives the bonus token.
@@ -440,6 +528,15 @@ def _top_probability(logits: torch.Tensor) -> float:
     sampling distribution q is no measure: near temperature 0 it is one-hot, so every draft looked sure and
     each cycle drafted AUTO_MAX_DRAFT tokens the full model mostly rejected."""
     return logits.float().softmax(-1).max().item()
+
+
+def _allow_graphs(count: int) -> None:
+    """Every static pass shares one function's code, so torch.compile counts each new shape (exit, k, width) as
+    a recompile of it; its default limit (8) would end compiling mid-bench. Raise the limit to what is used."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < 2 * count:
+            setattr(config, name, 2 * count)
 
 
 def sync_device(device) -> None:

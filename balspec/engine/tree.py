@@ -16,6 +16,7 @@ class Rows:
     boolean or additive as the layers take it (Engine._mask_format); None: each row sees everything cached."""
 
     views: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]]
+    index: torch.Tensor | None = None  # static-shape passes: the rows' cache indices [rows] (cache.StaticWrites)
 
 
 @dataclass(frozen=True)
