@@ -55,9 +55,10 @@ def generate(
                                    "(the model's own layer modules)."),
     static_cache: bool = typer.Option(False, "--static-cache", help="Static-shape passes: K/V written by index, "
                                       "attention over the whole cache under a position mask (what --compile needs)."),
-    compile: bool = typer.Option(False, "--compile", help="Static shapes, and each decode step, draft step and "
-                                 "verify compiled with torch.compile(mode='reduce-overhead'): CUDA graphs on a GPU. "
-                                 "The first pass of each shape compiles (seconds)."),
+    compile: str | None = typer.Option(None, "--compile", help="Static shapes, and each decode step, draft step and "
+                                       "verify captured by torch.compile: 'reduce-overhead' (inductor, CUDA graphs; "
+                                       "minutes to compile) or 'cudagraphs' (CUDA graphs of the eager kernels; "
+                                       "seconds). The first pass of each shape compiles."),
 ) -> None:
     """Generate text with the full model, an exit's sub-model, or speculatively (exact full-model output).
 
@@ -226,9 +227,10 @@ def bench(
                                    "(the model's own layer modules)."),
     static_cache: bool = typer.Option(False, "--static-cache", help="Static-shape passes: K/V written by index, "
                                       "attention over the whole cache under a position mask (what --compile needs)."),
-    compile: bool = typer.Option(False, "--compile", help="Static shapes, and each decode step, draft step and "
-                                 "verify compiled with torch.compile(mode='reduce-overhead'): CUDA graphs on a GPU. "
-                                 "The first pass of each shape compiles (seconds)."),
+    compile: str | None = typer.Option(None, "--compile", help="Static shapes, and each decode step, draft step and "
+                                       "verify captured by torch.compile: 'reduce-overhead' (inductor, CUDA graphs; "
+                                       "minutes to compile) or 'cudagraphs' (CUDA graphs of the eager kernels; "
+                                       "seconds). The first pass of each shape compiles."),
 ) -> None:
     """Measure acceptance, tokens per cycle (tau) and wall-clock speedup per exit and draft length.
 
@@ -249,12 +251,12 @@ def bench(
 
         balspec bench --exits 8 --layer-path generic --json --output bench-generic.json
 
-        balspec bench --exits 8,12 --draft-len 1,2,4 --device cuda --dtype bfloat16 --compile
+        balspec bench --exits 8,12 --draft-len 1,2,4 --device cuda --dtype bfloat16 --compile cudagraphs
     """
     import shlex
 
     from balspec.checkpoint import read_meta
-    from balspec.engine.speculative import parse_layer_path
+    from balspec.engine.speculative import check_compile, parse_layer_path
     from balspec.exits import parse_exits
     from balspec.files import check_output_file
     from balspec.generate import load
@@ -275,6 +277,7 @@ def bench(
     parse_dtype(dtype)
     check_device(device)
     parse_layer_path(layer_path)
+    check_compile(compile)
     if output:
         check_output_file(output, "--output")
     if plot:

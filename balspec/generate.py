@@ -103,7 +103,7 @@ def default_exits_path(model_name: str | None) -> Path | None:
 
 def load(model: str | None = None, exits: str | Path | None = None, dtype: str = "float32",
          device: str | None = None, draft_vocab: bool = True, logits_dtype: str = "model",
-         layer_path: str | None = None, static_cache: bool = False, compile: bool = False) -> "BalconyModel":
+         layer_path: str | None = None, static_cache: bool = False, compile: str | None = None) -> "BalconyModel":
     """Load a base model (default: the embedded SmolLM2-135M-Instruct) and an exits checkpoint.
 
     exits=None loads the shipped exits of the default model; other models run `full` mode only until
@@ -113,8 +113,8 @@ def load(model: str | None = None, exits: str | Path | None = None, dtype: str =
     ("model", the default: in dtype; measured, fp32 logits did not reduce bf16 mismatches: README).
     layer_path: "lean" or "generic" forces how the engine runs decoder layers (speculative.Engine); "auto" or
     None chooses by a check at start. A bad value, or "lean" where it is not exact: BalspecError.
-    static_cache / compile: static-shape passes, and those captured by torch.compile(mode="reduce-overhead")
-    (CUDA graphs on a GPU); speculative.Engine says more.
+    static_cache / compile: static-shape passes, and those captured by torch.compile ("reduce-overhead" or
+    "cudagraphs": CUDA graphs on a GPU); speculative.Engine says more.
     """
     hf_model, tokenizer = load_model(model, dtype, device or default_device())
     path = Path(exits) if exits is not None else default_exits_path(model)
@@ -128,7 +128,7 @@ class BalconyModel:
 
     def __init__(self, model, tokenizer, exits: Exits | None = None, meta: dict | None = None,
                  draft_vocab: torch.Tensor | None = None, logits_dtype: str = "model",
-                 layer_path: str | None = None, static_cache: bool = False, compile: bool = False):
+                 layer_path: str | None = None, static_cache: bool = False, compile: str | None = None):
         self.model, self.tokenizer, self.exit_modules, self.meta = model, tokenizer, exits, meta or {}
         self.eos_ids = eos_token_ids(model, tokenizer)
         if draft_vocab is not None:  # whatever the checkpoint stored, the drafts can end a reply

@@ -406,15 +406,17 @@ def test_adaptive_drafting_near_temperature_0_drafts_as_greedy_does():
     assert drafted[False] == drafted[True]
 
 
-def test_compiled_passes_equal_eager_and_compile_once_per_shape():
+@pytest.mark.parametrize("mode", ["reduce-overhead", "cudagraphs"])
+def test_compiled_passes_equal_eager_and_compile_once_per_shape(mode):
     """--compile: each pass shape (full step, draft step, balcony, verify per k) is compiled once, whatever the
     position it runs at (the position is a device tensor, not a constant the graph is specialised on), and the
-    output equals the eager engine's. On CUDA these are the graphs that replay; here inductor's CPU code."""
+    output equals the eager engine's. On CUDA these are the graphs that replay; on a CPU, inductor's code or
+    (cudagraphs) the eager kernels."""
     from torch._dynamo.utils import counters
 
     model = sharp_model()
     modules = attach_exits(model, EXITS).requires_grad_(False).eval()
-    compiled = BalconyModel(model, tiny_tokenizer(), modules, compile=True)
+    compiled = BalconyModel(model, tiny_tokenizer(), modules, compile=mode)
     eager = make_bm()
     before = counters["stats"]["unique_graphs"]
     for prompt in ([5, 6, 7], list(range(40, 57))):  # a second prompt: other positions, the same shapes

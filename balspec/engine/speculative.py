@@ -27,7 +27,14 @@ AUTO_MAX_DRAFT = 8  # "auto" drafts until the draft is unsure, at most this many
 MAX_DRAFT_LEN = 64  # --draft-len bound: acceptance^k makes longer chains worthless, and the cache holds k rows
 MAX_DRAFT_WIDTH = 64  # --draft-width bound: each sibling is one more verify row
 AUTO_MIN_CONFIDENCE = 0.6  # ... where unsure means top probability below this (0.4/0.6/0.8 measured: 0.6 won)
+COMPILE_MODES = ("reduce-overhead", "cudagraphs")  # --compile: inductor + CUDA graphs, or CUDA graphs of eager kernels
 LAYER_PATHS = ("lean", "generic")  # layers.py: balspec's own forward of a Llama-family layer, or the model's module
+
+
+def check_compile(mode: str | None) -> None:
+    """--compile: None or one of COMPILE_MODES, else BalspecError."""
+    if mode not in (None, *COMPILE_MODES):
+        raise BalspecError(f"--compile: choose one of {', '.join(COMPILE_MODES)}; got {mode!r}")
 
 
 def parse_layer_path(value: str | None) -> str | None:
@@ -60,16 +67,19 @@ class Engine:
     a device tensor and attend over the whole cache under a position mask (gpt-fast's form), so nothing about a
     pass's shapes depends on where in the sequence it runs. Slower on a CPU (attention over max_len keys); it
     exists so that compile can capture the passes.
-    compile: static_cache, and each draft step, balcony pass, verify (per k and width) and full step is compiled
-    with torch.compile(mode="reduce-overhead"), which on CUDA replays it as a CUDA graph: one launch instead of
-    a few hundred kernels. Prefills stay eager (their length varies). Measured against eager by the GPU plan.
+    compile: None, or static_cache plus each draft step, balcony pass, verify (per k and width) and full step
+    captured by torch.compile: "reduce-overhead" (inductor's kernels, replayed as a CUDA graph on a GPU; minutes
+    to compile the default model's shapes) or "cudagraphs" (the eager kernels replayed as a CUDA graph; seconds
+    to capture; on a CPU it runs them eagerly). Prefills stay eager (their length varies). A CUDA graph replays
+    one launch instead of a few hundred kernels. Measured against eager by the GPU plan. Bad value: BalspecError.
     """
 
     def __init__(self, model: torch.nn.Module, exits: Exits | None = None, draft_vocab: torch.Tensor | None = None,
                  logits_dtype: str = "model", layer_path: str | None = None, static_cache: bool = False,
-                 compile: bool = False):
+                 compile: str | None = None):
         self.model = model
-        self.static, self.compiled = static_cache or compile, compile
+        check_compile(compile)
+        self.static, self.compiled = static_cache or compile is not None, compile
         self._passes: dict[tuple, Callable] = {}  # static passes by their shape, compiled or not (_static_pass)
         self.compiled_passes = 0  # how many pass shapes were handed to torch.compile
         self.parts = model_parts(model)
@@ -283,7 +293,8 @@ class Engine:
             if self.compiled and (tree is not None or length == 1):
                 _allow_graphs(len(self._passes) + 1)
                 self.compiled_passes += 1
-                graph = torch.compile(run, mode="reduce-overhead", fullgraph=True, dynamic=False)
+                how = dict(mode="reduce-overhead") if self.compiled == "reduce-overhead" else dict(backend="cudagraphs")
+                graph = torch.compile(run, fullgraph=True, dynamic=False, **how)
                 run = lambda hidden, start: graph(hidden, start).clone()  # noqa: E731
             self._passes[key] = run
         return run

@@ -197,10 +197,11 @@ def part_bench(cfg: PlanConfig, deadline: float) -> None:
 
     models, rate, done = {}, None, []  # rate: tokens decoded per second, measured, then over the chunks so far
     for chunk in bench_chunks(cfg):
-        if chunk["dtype"] not in models:
-            models[chunk["dtype"]] = load(model=cfg.model, exits=cfg.shipped_exits, dtype=chunk["dtype"],
-                                          device=cfg.device)
-        bm = models[chunk["dtype"]]
+        key = chunk["dtype"], chunk.get("compile")
+        if key not in models:
+            models[key] = load(model=cfg.model, exits=cfg.shipped_exits, dtype=chunk["dtype"], device=cfg.device,
+                               compile=chunk.get("compile"))
+        bm = models[key]
         if rate is None:  # one full-mode decode (after a warm-up) sizes the first chunk
             bm.generate("Write a short story about a lighthouse.", mode="full", max_new_tokens=8)
             t0 = time.time()
@@ -210,7 +211,7 @@ def part_bench(cfg: PlanConfig, deadline: float) -> None:
             log(f"bench: full mode decodes {rate:.0f} tokens/s")
             write_json(cfg.results / "a_syncs.json", count_syncs(bm, cfg))
         remaining = deadline - time.time()
-        opts = bench_lib.BenchOptions(exits=cfg.exits, draft_lens=chunk["draft_lens"],
+        opts = bench_lib.BenchOptions(exits=chunk.get("exits", cfg.exits), draft_lens=chunk["draft_lens"],
                                       draft_widths=chunk["widths"], max_new_tokens=cfg.bench_tokens,
                                       peers=chunk["peers"], early_exit=chunk["early_exit"])
         n_settings = len(bench_lib.settings(opts, bm.exit_modules.sub_model_exits))
@@ -271,7 +272,9 @@ def count_syncs(bm, cfg: PlanConfig) -> dict:
 
 
 def bench_chunks(cfg: PlanConfig) -> list[dict]:
-    """Highest priority first: the core grid in bf16 then fp32 on both prompt sets, then the rest of the grid
+    """Highest priority first: the core grid in bf16 then fp32 on both prompt sets, then CUDA graphs against
+    those eager numbers (bf16, built-in prompts, the first exit, k 1, 2, 4: `--compile cudagraphs`, which
+    captures in seconds; inductor's "reduce-overhead" would spend minutes compiling), then the rest of the grid
     (k 3,5,6 and width 3: draft lengths 1..6 and auto x widths 1,3 in all)."""
     sets = [("builtin", None)]
     spec = Path(cfg.data) / "spec_bench_questions.jsonl"
@@ -283,6 +286,9 @@ def bench_chunks(cfg: PlanConfig) -> list[dict]:
             ("w3", dict(draft_lens=[1, 2, 3, 4, 5, 6, "auto"], widths=[3], peers=[], early_exit=False))]
     short = {"bfloat16": "bf16", "float32": "fp32"}
     chunks = [dict(name=f"{short[d]}_{s}_core", dtype=d, prompts=p, **core) for d in cfg.dtypes for s, p in sets]
+    chunks.append(dict(name=f"{short[cfg.dtypes[0]]}_builtin_cudagraphs", dtype=cfg.dtypes[0], prompts=None,
+                       compile="cudagraphs", exits=cfg.exits[:1], draft_lens=[1, 2, 4], widths=[1], peers=[],
+                       early_exit=False))
     chunks += [dict(name=f"{short[d]}_{s}_{r}", dtype=d, prompts=p, **grid)
                for d in cfg.dtypes for s, p in sets for r, grid in rest]
     return chunks
@@ -290,7 +296,7 @@ def bench_chunks(cfg: PlanConfig) -> list[dict]:
 
 def bench_command(cfg: PlanConfig, chunk: dict, source: str | None, prompts: int) -> str:
     """The `balspec bench` command line that measures what this chunk measured."""
-    args = ["balspec", "bench", "--exits", ",".join(map(str, cfg.exits)),
+    args = ["balspec", "bench", "--exits", ",".join(map(str, chunk.get("exits", cfg.exits))),
             "--draft-len", ",".join(map(str, chunk["draft_lens"])),
             "--draft-width", ",".join(map(str, chunk["widths"])), "--num-prompts", str(prompts),
             "--max-new-tokens", str(cfg.bench_tokens), "--dtype", chunk["dtype"], "--device", cfg.device]
@@ -300,6 +306,8 @@ def bench_command(cfg: PlanConfig, chunk: dict, source: str | None, prompts: int
         args += ["--peers", ",".join(chunk["peers"])]
     if not chunk["early_exit"]:
         args.append("--no-early-exit")
+    if chunk.get("compile"):
+        args += ["--compile", chunk["compile"]]
     if cfg.model != "default":
         args += ["--model", cfg.model]
     if cfg.shipped_exits:
