@@ -22,8 +22,8 @@ def generate(
                                     "(default: the measured default recorded with the exits)."),
     exit_layer: int | None = typer.Option(None, "--exit", help="Exit layer to draft with (or to stop at in early-exit)."),
     draft_len: str | None = typer.Option(None, "--draft-len", help="Draft tokens per cycle, or 'auto' "
-                                         "(stop drafting when the draft is unsure: the exit's own top "
-                                         "probability, before temperature, top-k and top-p, below 0.6; at most 8)."),
+                                         "(stop drafting when the draft is unsure: its top probability at "
+                                         "temperature max(T, 1) below 0.6; at most 8)."),
     draft_width: int | None = typer.Option(None, "--draft-width", help="Greedy only: also verify the exit's "
                                            "2nd..Nth choices for the first drafted token, in the same pass."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Tokens to generate at most."),

@@ -286,16 +286,21 @@ class Engine:
                 modules, norm = self.exits[layers].layers, self.exits[layers].norm
                 kinds = self._kinds[-1:] * len(modules)
 
-            def run(hidden: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+            def forward(hidden: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
                 out = self._through(modules, kinds, hidden, self._static_rows(start, length, tree, first))
                 return out if norm is None else norm(out)
 
+            run = forward
             if self.compiled and (tree is not None or length == 1):
                 _allow_graphs(len(self._passes) + 1)
                 self.compiled_passes += 1
                 how = dict(mode="reduce-overhead") if self.compiled == "reduce-overhead" else dict(backend="cudagraphs")
-                graph = torch.compile(run, fullgraph=True, dynamic=False, **how)
-                run = lambda hidden, start: graph(hidden, start).clone()  # noqa: E731
+                graph = torch.compile(forward, fullgraph=True, dynamic=False, **how)
+
+                def run(hidden: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+                    torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier outputs are clones already
+                    return graph(hidden, start).clone()
+
             self._passes[key] = run
         return run
 
@@ -474,7 +479,7 @@ class Engine:
             d, q = self.pick_draft(logits, sampling, generator)
             if i == 0 and width > 1:
                 siblings = self.alternatives(logits, width)
-            sure = not adaptive or _top_probability(logits) >= AUTO_MIN_CONFIDENCE
+            sure = not adaptive or _confidence(logits, q, sampling) >= AUTO_MIN_CONFIDENCE
             if not sure and siblings is None:
                 dropped = True
                 break
@@ -533,12 +538,15 @@ class Engine:
         return Cycle(tokens=drafted[:n] + [next_token], drafts=drafted, accepted=n)
 
 
-def _top_probability(logits: torch.Tensor) -> float:
-    """The draft's confidence, for adaptive drafting (one host sync per draft token): the top probability of
-    the exit's own distribution (temperature 1, as it was trained by KL), whatever the sampling settings. The
-    sampling distribution q is no measure: near temperature 0 it is one-hot, so every draft looked sure and
-    each cycle drafted AUTO_MAX_DRAFT tokens the full model mostly rejected."""
-    return logits.float().softmax(-1).max().item()
+def _confidence(logits: torch.Tensor, q: torch.Tensor | None, sampling: Sampling) -> float:
+    """The draft's confidence, for adaptive drafting (one host sync per draft token): the top probability of the
+    draft distribution at temperature max(T, 1), with the sampling's top-k and top-p (greedy: at temperature 1).
+    Temperature 1 is the one the exit was trained at (KL to the full model), where its top probability tracks
+    how often the full model agrees; below it q is sharper than the exit's knowledge (near T = 0 one-hot, so
+    every draft looked sure and each cycle drafted AUTO_MAX_DRAFT tokens that the full model mostly rejected)."""
+    if q is not None and sampling.temperature >= 1:
+        return q.max().item()
+    return probabilities(logits, Sampling(1.0, sampling.top_k, sampling.top_p)).max().item()
 
 
 def _allow_graphs(count: int) -> None:
