@@ -26,6 +26,10 @@ def generate(
                                          "temperature max(T, 1) below 0.6; at most 8)."),
     draft_width: int | None = typer.Option(None, "--draft-width", help="Greedy only: also verify the exit's "
                                            "2nd..Nth choices for the first drafted token, in the same pass."),
+    lookup_len: int | None = typer.Option(None, "--lookup-len", help="Where the last 2-4 tokens occurred earlier in "
+                                          "the prompt or output, verify up to this many tokens that followed them "
+                                          "instead of drafting with the exit (prompt lookup; 0: never; default: "
+                                          "recorded with the exits, else 0)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy; > 0 samples (exactly the full model's "
                                       "distribution in speculative mode)."),
@@ -56,9 +60,9 @@ def generate(
     static_cache: bool = typer.Option(False, "--static-cache", help="Static-shape passes: K/V written by index, "
                                       "attention over the whole cache under a position mask (what --compile needs)."),
     compile: str | None = typer.Option(None, "--compile", help="Static shapes, and each decode step, draft step and "
-                                       "verify captured by torch.compile: 'reduce-overhead' (inductor, CUDA graphs; "
-                                       "minutes to compile) or 'cudagraphs' (CUDA graphs of the eager kernels; "
-                                       "seconds). The first pass of each shape compiles."),
+                                       "verify captured once per shape: 'cuda-graphs' (CUDA only: the eager kernels "
+                                       "as a CUDA graph; milliseconds) or 'reduce-overhead' (torch.compile: "
+                                       "inductor's kernels, CUDA graphs on a GPU; minutes to compile)."),
 ) -> None:
     """Generate text with the full model, an exit's sub-model, or speculatively (exact full-model output).
 
@@ -83,7 +87,7 @@ def generate(
 
     bm = load(model=model, exits=exits_path, dtype=dtype, device=device, draft_vocab=not full_draft_head,
               logits_dtype=logits_dtype, layer_path=layer_path, static_cache=static_cache, compile=compile)
-    kwargs = dict(mode=mode, exit=exit_layer, draft_len=draft_len, draft_width=draft_width,
+    kwargs = dict(mode=mode, exit=exit_layer, draft_len=draft_len, draft_width=draft_width, lookup_len=lookup_len,
                   max_new_tokens=max_new_tokens,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=not raw, stop=stop)
     if compare:  # warm both modes up first, so neither timing includes one-time costs (allocation, kernels)
@@ -200,6 +204,8 @@ def bench(
     draft_len: str = typer.Option("4", "--draft-len", help="Draft length(s) in speculative mode: 4 or 2,4,6,auto."),
     draft_width: str = typer.Option("1", "--draft-width", help="Draft width(s), greedy only: 1 (a chain) or 1,3 "
                                     "(also verify the exit's 2nd..Nth choices for the first position)."),
+    lookup_len: str = typer.Option("0", "--lookup-len", help="Prompt lookup in speculative mode: 0 (exit drafts "
+                                   "only) or 0,4 (also with up to 4 drafts read from the context where it repeats)."),
     prompts: str | None = typer.Option(None, "--prompts", help="Prompt file: Spec-Bench jsonl, jsonl with "
                                        "\"prompt\" (and \"category\"), or one prompt per line "
                                        "(default: the built-in set)."),
@@ -228,9 +234,9 @@ def bench(
     static_cache: bool = typer.Option(False, "--static-cache", help="Static-shape passes: K/V written by index, "
                                       "attention over the whole cache under a position mask (what --compile needs)."),
     compile: str | None = typer.Option(None, "--compile", help="Static shapes, and each decode step, draft step and "
-                                       "verify captured by torch.compile: 'reduce-overhead' (inductor, CUDA graphs; "
-                                       "minutes to compile) or 'cudagraphs' (CUDA graphs of the eager kernels; "
-                                       "seconds). The first pass of each shape compiles."),
+                                       "verify captured once per shape: 'cuda-graphs' (CUDA only: the eager kernels "
+                                       "as a CUDA graph; milliseconds) or 'reduce-overhead' (torch.compile: "
+                                       "inductor's kernels, CUDA graphs on a GPU; minutes to compile)."),
 ) -> None:
     """Measure acceptance, tokens per cycle (tau) and wall-clock speedup per exit and draft length.
 
@@ -251,7 +257,9 @@ def bench(
 
         balspec bench --exits 8 --layer-path generic --json --output bench-generic.json
 
-        balspec bench --exits 8,12 --draft-len 1,2,4 --device cuda --dtype bfloat16 --compile cudagraphs
+        balspec bench --exits 8,12 --draft-len 1,2,4 --device cuda --dtype bfloat16 --compile cuda-graphs
+
+        balspec bench --exits 8 --draft-len 1 --lookup-len 0,4 --no-early-exit
     """
     import shlex
 
@@ -273,6 +281,7 @@ def bench(
     bench_lib.check_exits(chosen, available)
     draft_lens = bench_lib.parse_draft_lens(draft_len)
     draft_widths = bench_lib.parse_draft_widths(draft_width, temperature)
+    lookup_lens = bench_lib.parse_lookup_lens(lookup_len)
     peer_names = bench_lib.parse_peers(peers)
     parse_dtype(dtype)
     check_device(device)
@@ -283,7 +292,7 @@ def bench(
     if plot:
         report.require_matplotlib()
         check_output_file(plot, "--plot")
-    opts = bench_lib.BenchOptions(exits=chosen, draft_lens=draft_lens, draft_widths=draft_widths,
+    opts = bench_lib.BenchOptions(exits=chosen, draft_lens=draft_lens, draft_widths=draft_widths, lookup_lens=lookup_lens,
                                   max_new_tokens=max_new_tokens,
                                   temperature=temperature, warmup=warmup, seed=seed, peers=peer_names,
                                   eos=not ignore_eos, early_exit=not no_early_exit)

@@ -17,6 +17,7 @@ import torch
 
 from balspec.checkpoint import load_exits
 from balspec.engine.sampling import Sampling, check_seed, choose
+from balspec.engine.lookup import NgramLookup
 from balspec.engine.speculative import AUTO_MAX_DRAFT, MAX_DRAFT_LEN, MAX_DRAFT_WIDTH, Cycle, Engine, sync_device
 from balspec.errors import BalspecError
 from balspec.exits import Exits, with_control_tokens
@@ -32,6 +33,7 @@ class GenerationStats:
     exit: int | None
     draft_len: int | str | None
     draft_width: int | None = None
+    lookup_len: int | None = None  # speculative: the most tokens a cycle verifies from the context (0: none)
     prompt_tokens: int = 0
     new_tokens: int = 0
     cycles: int = 0
@@ -39,6 +41,7 @@ class GenerationStats:
     accepted: int = 0
     accepted_lengths: list[int] = field(default_factory=list)  # accepted drafts per cycle
     cycle_tokens: int = 0  # tokens emitted by verify cycles (all but the prefill's token)
+    lookup_cycles: int = 0  # cycles whose drafts came from the context (their drafts count as drafted too)
     seconds: float = 0.0  # wall time of prefill + decoding, device-synchronised
 
     # Counting convention (the same in `generate` and `bench`): only what reaches the output counts. In the
@@ -113,8 +116,8 @@ def load(model: str | None = None, exits: str | Path | None = None, dtype: str =
     ("model", the default: in dtype; measured, fp32 logits did not reduce bf16 mismatches: README).
     layer_path: "lean" or "generic" forces how the engine runs decoder layers (speculative.Engine); "auto" or
     None chooses by a check at start. A bad value, or "lean" where it is not exact: BalspecError.
-    static_cache / compile: static-shape passes, and those captured by torch.compile ("reduce-overhead" or
-    "cudagraphs": CUDA graphs on a GPU); speculative.Engine says more.
+    static_cache / compile: static-shape passes, and those captured once per shape ("cuda-graphs", CUDA only, or
+    torch.compile's "reduce-overhead"); speculative.Engine says more.
     """
     hf_model, tokenizer = load_model(model, dtype, device or default_device())
     path = Path(exits) if exits is not None else default_exits_path(model)
@@ -148,7 +151,7 @@ class BalconyModel:
         middle = self.exits[len(self.exits) // 2] if self.exits else None
         return {"mode": recorded.get("mode", "speculative" if self.exits else "full"),
                 "exit": recorded.get("exit", middle), "draft_len": recorded.get("draft_len", 4),
-                "draft_width": recorded.get("draft_width", 1)}
+                "draft_width": recorded.get("draft_width", 1), "lookup_len": recorded.get("lookup_len", 0)}
 
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
         if not prompt or not prompt.strip():
@@ -165,11 +168,16 @@ class BalconyModel:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  chat: bool = True,
                  stop: list[str] | None = None, eos: bool = True,
-                 on_cycle: Callable[[list[int], list[int]], None] | None = None) -> GenerationOutput:
+                 on_cycle: Callable[[list[int], list[int]], None] | None = None,
+                 lookup_len: int | None = None) -> GenerationOutput:
         """Generate from `prompt` (text, chat-formatted unless chat=False, or token ids).
 
         draft_width > 1 (greedy only) also verifies the exit's 2nd..width-th choices for the first drafted
         position in the same pass; None takes the recorded default when decoding greedily, else 1.
+        lookup_len > 0 (speculative mode): where the last tokens occurred earlier in the prompt or output, the
+        cycle verifies up to lookup_len tokens that followed them instead of drafting with the exit (prompt
+        lookup: lookup.NgramLookup, Engine.lookup_cycle); 0 drafts with the exit only; None takes the recorded
+        default (0 where none is recorded).
         on_cycle(tokens, rejected_drafts) is called as tokens are decided, for streaming: `tokens` are the new
         tokens of `token_ids`, never one past the end of the output (EOS, a stop string or the budget), and
         rejected_drafts the drafts the verifier threw away in that cycle (none in the cycle where the output
@@ -182,6 +190,7 @@ class BalconyModel:
         k, adaptive = self._check_draft_len(mode, draft_len)
         sampling = Sampling(temperature, top_k, top_p)
         width = self._check_draft_width(draft_width, sampling)
+        lookup_len = self._check_lookup_len(lookup_len)
         if max_new_tokens < 1:
             raise BalspecError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         check_seed(seed)
@@ -200,21 +209,25 @@ class BalconyModel:
             generator.manual_seed(seed if seed is not None else torch.seed())
         speculative = mode == "speculative"
         stats = GenerationStats(mode, exit_layer, ("auto" if adaptive else k) if speculative else None,
-                                width if speculative else None, prompt_tokens=len(ids))
+                                width if speculative else None, lookup_len if speculative else None,
+                                prompt_tokens=len(ids))
         stopper = _Stopper(self.tokenizer, self.eos_ids if eos else set(), stop or [], max_new_tokens)
         with torch.inference_mode():
-            self._decode(ids, mode, exit_layer, k, adaptive, width, sampling, generator, stats, stopper, on_cycle)
+            self._decode(ids, mode, exit_layer, k, adaptive, width, sampling, generator, stats, stopper, on_cycle,
+                         lookup_len)
         stats.new_tokens = len(stopper.tokens)
         return GenerationOutput(stopper.text(), stopper.tokens, stats, stopper.reason)
 
-    def _decode(self, ids, mode, exit_layer, k, adaptive, width, sampling, generator, stats, stopper, on_cycle):
+    def _decode(self, ids, mode, exit_layer, k, adaptive, width, sampling, generator, stats, stopper, on_cycle,
+                lookup_len):
         engine = self.engine
-        engine.reset(len(ids) + stopper.budget + max(k, AUTO_MAX_DRAFT) + width + 1)
+        engine.reset(len(ids) + stopper.budget + max(k, AUTO_MAX_DRAFT, lookup_len) + width + 1)
         prompt = torch.tensor([ids], device=self.device)  # [1, P]
         sync_device(self.device)
         t0 = time.perf_counter()
         first = choose(engine.prefill(prompt, mode, exit_layer), sampling, generator).item()
         stopper.add([first])
+        lookup = NgramLookup(ids + [first]) if mode == "speculative" and lookup_len else None
         callback_s = 0.0  # time spent in on_cycle (printing) is not decoding time
         if on_cycle:
             t1 = time.perf_counter()
@@ -223,13 +236,19 @@ class BalconyModel:
         while not stopper.done:
             start = len(ids) + len(stopper.tokens) - 1  # position of the pending token
             pending = torch.tensor([[stopper.tokens[-1]]], device=self.device)
-            if mode == "speculative":
+            looked_up = lookup.propose(min(lookup_len, stopper.remaining - 1)) if lookup else []
+            if looked_up:
+                cycle = engine.lookup_cycle(pending, start, exit_layer, looked_up, sampling, generator)
+                stats.lookup_cycles += 1
+            elif mode == "speculative":
                 cycle = engine.cycle(pending, start, exit_layer, min(k, stopper.remaining - 1), sampling,
                                      generator, adaptive, width)
             else:
                 token = choose(engine.step(pending, start, mode, exit_layer), sampling, generator).item()
                 cycle = Cycle(tokens=[token], drafts=[], accepted=0)
             kept = stopper.add(cycle.tokens)  # < len(cycle.tokens) when the output ends inside the cycle
+            if lookup:
+                lookup.extend(cycle.tokens[:kept])
             cut = kept < len(cycle.tokens)
             if mode == "speculative":
                 drafted, accepted = (kept, kept) if cut else (len(cycle.drafts), cycle.accepted)
@@ -272,6 +291,13 @@ class BalconyModel:
         if not 1 <= k <= MAX_DRAFT_LEN:
             raise BalspecError(f"--draft-len must lie in 1..{MAX_DRAFT_LEN} (or be 'auto'), got {k}")
         return k, False
+
+    def _check_lookup_len(self, lookup_len: int | None) -> int:
+        if lookup_len is None:
+            return self.defaults["lookup_len"]
+        if not isinstance(lookup_len, int) or isinstance(lookup_len, bool) or not 0 <= lookup_len <= MAX_DRAFT_LEN:
+            raise BalspecError(f"--lookup-len must be a whole number in 0..{MAX_DRAFT_LEN}, got {lookup_len!r}")
+        return lookup_len
 
     def _check_draft_width(self, draft_width: int | None, sampling: Sampling) -> int:
         if draft_width is None:

@@ -406,17 +406,15 @@ def test_adaptive_drafting_near_temperature_0_drafts_as_greedy_does():
     assert drafted[False] == drafted[True]
 
 
-@pytest.mark.parametrize("mode", ["reduce-overhead", "cudagraphs"])
-def test_compiled_passes_equal_eager_and_compile_once_per_shape(mode):
+def test_compiled_passes_equal_eager_and_compile_once_per_shape():
     """--compile: each pass shape (full step, draft step, balcony, verify per k) is compiled once, whatever the
     position it runs at (the position is a device tensor, not a constant the graph is specialised on), and the
-    output equals the eager engine's. On CUDA these are the graphs that replay; on a CPU, inductor's code or
-    (cudagraphs) the eager kernels."""
+    output equals the eager engine's. On CUDA these are the graphs that replay; on a CPU, inductor's code."""
     from torch._dynamo.utils import counters
 
     model = sharp_model()
     modules = attach_exits(model, EXITS).requires_grad_(False).eval()
-    compiled = BalconyModel(model, tiny_tokenizer(), modules, compile=mode)
+    compiled = BalconyModel(model, tiny_tokenizer(), modules, compile="reduce-overhead")
     eager = make_bm()
     before = counters["stats"]["unique_graphs"]
     for prompt in ([5, 6, 7], list(range(40, 57))):  # a second prompt: other positions, the same shapes
@@ -425,3 +423,12 @@ def test_compiled_passes_equal_eager_and_compile_once_per_shape(mode):
             assert compiled.generate(prompt, max_new_tokens=20, eos=False, **kwargs).token_ids == want
     assert compiled.engine.compiled_passes >= 4  # full step, draft step, balcony, verify
     assert counters["stats"]["unique_graphs"] - before == compiled.engine.compiled_passes
+
+
+def test_cuda_graphs_and_bad_compile_modes_are_refused_in_one_line():
+    model = sharp_model()
+    modules = attach_exits(model, EXITS).requires_grad_(False).eval()
+    with pytest.raises(BalspecError, match="cuda-graphs needs a CUDA device"):
+        BalconyModel(model, tiny_tokenizer(), modules, compile="cuda-graphs")
+    with pytest.raises(BalspecError, match="--compile: choose one of reduce-overhead, cuda-graphs"):
+        BalconyModel(model, tiny_tokenizer(), modules, compile="max-autotune")

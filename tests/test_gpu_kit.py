@@ -138,9 +138,7 @@ def test_dry_run_runs_the_whole_plan_and_brings_back_the_expected_files(tmp_path
     assert throughput[0]["status"] == "ok" and throughput[0]["tokens_per_s_median"] > 0
     chunks = {c["chunk"]: c for c in json.loads((results / "a_bench.json").read_text())["chunks"]}
     assert chunks["bf16_builtin_core"]["status"] == "ok"
-    graphs = json.loads((results / "a" / "bf16_builtin_cudagraphs.json").read_text())  # eager on a CPU, same code
-    assert graphs["meta"]["compile"] == "cudagraphs" and "--compile cudagraphs" in graphs["meta"]["command"]
-    assert all(r["greedy_mismatches"] == 0 for r in graphs["results"] if r["mode"] == "speculative")
+    assert chunks["bf16_builtin_cuda_graphs"]["status"] == "skipped (cuda-graphs needs CUDA)"
     assert json.loads((results / "a_syncs.json").read_text()) == {"status": "skipped (not on CUDA)"}
     core = json.loads((results / "a" / "bf16_builtin_core.json").read_text())
     assert {r["name"] for r in core["results"]} >= {"speculative", "early-exit", "hf", "hf-early-exit", "prompt-lookup"}

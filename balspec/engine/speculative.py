@@ -27,7 +27,8 @@ AUTO_MAX_DRAFT = 8  # "auto" drafts until the draft is unsure, at most this many
 MAX_DRAFT_LEN = 64  # --draft-len bound: acceptance^k makes longer chains worthless, and the cache holds k rows
 MAX_DRAFT_WIDTH = 64  # --draft-width bound: each sibling is one more verify row
 AUTO_MIN_CONFIDENCE = 0.6  # ... where unsure means top probability below this (0.4/0.6/0.8 measured: 0.6 won)
-COMPILE_MODES = ("reduce-overhead", "cudagraphs")  # --compile: inductor + CUDA graphs, or CUDA graphs of eager kernels
+COMPILE_MODES = ("reduce-overhead", "cuda-graphs")  # --compile: torch.compile's, or balspec's own capture (CUDA)
+_COMPILED = [0]  # pass shapes handed to torch.compile in this process (they share one code object: _allow_graphs)
 LAYER_PATHS = ("lean", "generic")  # layers.py: balspec's own forward of a Llama-family layer, or the model's module
 
 
@@ -68,10 +69,11 @@ class Engine:
     pass's shapes depends on where in the sequence it runs. Slower on a CPU (attention over max_len keys); it
     exists so that compile can capture the passes.
     compile: None, or static_cache plus each draft step, balcony pass, verify (per k and width) and full step
-    captured by torch.compile: "reduce-overhead" (inductor's kernels, replayed as a CUDA graph on a GPU; minutes
-    to compile the default model's shapes) or "cudagraphs" (the eager kernels replayed as a CUDA graph; seconds
-    to capture; on a CPU it runs them eagerly). Prefills stay eager (their length varies). A CUDA graph replays
-    one launch instead of a few hundred kernels. Measured against eager by the GPU plan. Bad value: BalspecError.
+    captured once per shape: "reduce-overhead" (torch.compile: inductor's kernels, replayed as a CUDA graph on
+    a GPU; minutes to compile the default model's shapes) or "cuda-graphs" (CUDA only: the eager kernels
+    captured with torch.cuda.graph on the first call of each shape, then replayed; weights and cache are used in
+    place). Prefills stay eager (their length varies). A CUDA graph replays one launch instead of a few hundred
+    kernels. Measured against eager by the GPU plan. A bad value, or cuda-graphs off CUDA: BalspecError.
     """
 
     def __init__(self, model: torch.nn.Module, exits: Exits | None = None, draft_vocab: torch.Tensor | None = None,
@@ -80,6 +82,7 @@ class Engine:
         self.model = model
         check_compile(compile)
         self.static, self.compiled = static_cache or compile is not None, compile
+        self._graph_pool = None  # cuda-graphs: one memory pool for every captured pass (replayed one at a time)
         self._passes: dict[tuple, Callable] = {}  # static passes by their shape, compiled or not (_static_pass)
         self.compiled_passes = 0  # how many pass shapes were handed to torch.compile
         self.parts = model_parts(model)
@@ -89,6 +92,9 @@ class Engine:
         self.trunk_slots = range(self.num_layers)
         weight = self.parts.head.weight.detach()
         self.device, self.dtype = weight.device, weight.dtype
+        if compile == "cuda-graphs" and self.device.type != "cuda":
+            raise BalspecError(f"--compile cuda-graphs needs a CUDA device; the model is on {self.device.type} "
+                               "(--compile reduce-overhead runs anywhere)")
         self.vocab_size = weight.shape[0]
         # The full model's logits (every mode's and the verify's): "float32" computes the LM head's product in
         # fp32 on the final normed states when the model runs in bf16/fp16, so two tokens are never tied by
@@ -186,9 +192,9 @@ class Engine:
     # -- storage -----------------------------------------------------------------------------------
     def reset(self, max_len: int) -> None:
         """Empty every cache slot; storage and rotary tables are re-allocated only when they must grow (static
-        shapes: to a power of two, at least 256, since new storage means new graphs)."""
+        shapes: to a power of two, at least 1024, since new storage means new graphs)."""
         if self.static:
-            max_len = max(256, 1 << (max_len - 1).bit_length())
+            max_len = max(1024, 1 << (max_len - 1).bit_length())
         if self.cache is None or self.cache.max_len < max_len:
             slots = self.exits.num_cache_slots if self.exits is not None else self.num_layers
             self.cache = KVCache(slots, max_len, self.model.config.num_key_value_heads, self._head_dim(), self.dtype,
@@ -196,9 +202,10 @@ class Engine:
             self._rope = self._rope_tables(max_len)
             self._key_index = torch.arange(max_len, device=self.device)  # static passes: every cache index
             self._passes.clear()  # their graphs hold the old storage
-            if self.compiled:  # the K/V storage a captured graph writes into stays where it is
-                torch._dynamo.mark_static_address(self.cache.keys)
-                torch._dynamo.mark_static_address(self.cache.values)
+            if self.compiled == "reduce-overhead":  # what its graphs read in place rather than copy per replay
+                for table in (self.cache.keys, self.cache.values, self._key_index,
+                              *(t for rope in self._rope.values() for t in rope)):
+                    torch._dynamo.mark_static_address(table)
         self.cache.rollback(range(len(self.cache.lengths)), 0)
 
     def _head_dim(self) -> int:
@@ -291,11 +298,16 @@ class Engine:
                 return out if norm is None else norm(out)
 
             run = forward
-            if self.compiled and (tree is not None or length == 1):
-                _allow_graphs(len(self._passes) + 1)
+            if self.compiled == "cuda-graphs" and (tree is not None or length == 1):
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                run = _CapturedPass(forward, self._graph_pool)
                 self.compiled_passes += 1
-                how = dict(mode="reduce-overhead") if self.compiled == "reduce-overhead" else dict(backend="cudagraphs")
-                graph = torch.compile(forward, fullgraph=True, dynamic=False, **how)
+            elif self.compiled and (tree is not None or length == 1):
+                _COMPILED[0] += 1
+                _allow_graphs(_COMPILED[0])
+                self.compiled_passes += 1
+                graph = torch.compile(forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
                 def run(hidden: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
                     torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier outputs are clones already
@@ -321,6 +333,9 @@ class Engine:
         key = (k, width)
         if key not in self._trees:
             self._trees[key] = DraftTree.build(k, width, self.device)
+            if self.compiled == "reduce-overhead":
+                torch._dynamo.mark_static_address(self._trees[key].depth)
+                torch._dynamo.mark_static_address(self._trees[key].allowed)
         return self._trees[key]
 
     # -- passes --------------------------------------------------------------------------------------
@@ -538,6 +553,37 @@ class Engine:
         return Cycle(tokens=drafted[:n] + [next_token], drafts=drafted, accepted=n)
 
 
+    def lookup_cycle(self, token: torch.Tensor, start: int, exit_layer: int, drafted: list[int],
+                     sampling: Sampling, generator: torch.Generator | None) -> Cycle:
+        """One verify of drafts read from the context (lookup.NgramLookup), with no draft pass. `token` [1, 1] is
+        the pending token at position `start`; `drafted` the k >= 1 proposed tokens after it.
+
+        Rows t, d_1..d_k run layers 1..N in one pass (1..e then e+1..N, keeping the exit's hidden states).
+        Greedy accepts the prefix the full model agrees with; sampling treats each draft as drawn from a point
+        mass (q = 1 on it), which keeps the output distribution exactly p (Leviathan et al. 2023). The exit's
+        balcony did not run on these rows: its K/V for the accepted ones are made from their layer-e states (a
+        draft-kind exit's from their final states), so the next balcony draft sees them as after any cycle.
+        """
+        e, k = exit_layer, len(drafted)
+        tree = self.draft_tree(k, 1)
+        drafts = torch.tensor(drafted, device=self.device)  # [k]
+        exit_hidden = self.run_layers(self.embed(torch.cat([token, drafts[None]], 1)), 0, e, start, tree)
+        final = self.parts.norm(self.run_layers(exit_hidden, e, self.num_layers, start, tree))  # [1, k + 1, hidden]
+        p_logits = self.head_logits(final)[0]  # [k + 1, vocab]
+        if sampling.greedy:
+            n, next_token = accept_greedy(drafted, p_logits.argmax(-1).tolist())
+        else:
+            q = torch.zeros(k, self.vocab_size, device=self.device).scatter_(1, drafts[:, None], 1.0)
+            n, next_token, _ = accept_sampling(drafts, probabilities(p_logits, sampling), q, generator)
+        self.cache.rollback(self.trunk_slots, start + n + 1)
+        if self.is_draft_kind(e):
+            self.write_deep(e, final[:, :n + 1], start)
+        else:
+            self.cache.rollback(self.exits.cache_slots(e), start)
+            self.run_balcony(e, exit_hidden[:, :n + 1], start)
+        return Cycle(tokens=drafted[:n] + [next_token], drafts=drafted, accepted=n)
+
+
 def _confidence(logits: torch.Tensor, q: torch.Tensor | None, sampling: Sampling) -> float:
     """The draft's confidence, for adaptive drafting (one host sync per draft token): the top probability of the
     draft distribution at temperature max(T, 1), with the sampling's top-k and top-p (greedy: at temperature 1).
@@ -549,9 +595,36 @@ def _confidence(logits: torch.Tensor, q: torch.Tensor | None, sampling: Sampling
     return probabilities(logits, Sampling(1.0, sampling.top_k, sampling.top_p)).max().item()
 
 
+class _CapturedPass:
+    """A static pass captured as a CUDA graph on its first call (--compile cuda-graphs), replayed after: its
+    inputs are copied into the graph's own buffers, the output cloned out of the shared pool. The first call
+    runs the pass on a side stream (warm-up, as torch.cuda.graph asks) and the replay runs it again: both
+    write the same K/V at the same indices, so the cache is as after one run."""
+
+    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], pool):
+        self.forward, self.pool, self.graph = forward, pool, None
+
+    def __call__(self, hidden: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            self.hidden, self.start = hidden.clone(), start.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.forward(self.hidden, self.start)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                self.out = self.forward(self.hidden, self.start)
+        self.hidden.copy_(hidden)
+        self.start.copy_(start)
+        self.graph.replay()
+        return self.out.clone()
+
+
 def _allow_graphs(count: int) -> None:
-    """Every static pass shares one function's code, so torch.compile counts each new shape (exit, k, width) as
-    a recompile of it; its default limit (8) would end compiling mid-bench. Raise the limit to what is used."""
+    """Every static pass shares one function's code, so torch.compile counts each new shape (exit, k, width, and
+    again after the cache grows) as a recompile of it; its default limit (8) would end compiling mid-bench, and
+    under fullgraph with an error. Raise the limits to the number of shapes compiled in this process so far."""
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(config, name) and getattr(config, name) < 2 * count:

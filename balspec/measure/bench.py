@@ -36,6 +36,7 @@ class BenchOptions:
     exits: list[int]
     draft_lens: list[int | str]  # whole numbers >= 1 or "auto"
     draft_widths: list[int] = field(default_factory=lambda: [1])  # > 1: siblings of the first draft (greedy)
+    lookup_lens: list[int] = field(default_factory=lambda: [0])  # > 0: drafts read from the context first
     max_new_tokens: int = 128
     temperature: float = 0.0
     warmup: int = 1  # untimed runs of the first prompt per setting (kernel choice, allocator, caches)
@@ -55,6 +56,7 @@ class Setting:
     exit: int | None = None
     draft_len: int | str | None = None
     draft_width: int = 1
+    lookup_len: int = 0  # speculative: up to this many drafts read from the context where it repeats (0: none)
 
 
 @dataclass
@@ -155,6 +157,17 @@ def parse_draft_widths(text: str, temperature: float = 0.0) -> list[int]:
     return out
 
 
+def parse_lookup_lens(text: str) -> list[int]:
+    """`0` or `0,4` -> [0, 4]: the most drafts a cycle reads from the context (0: the exit drafts every cycle)."""
+    try:
+        out = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise BalspecError(f"--lookup-len: expected whole numbers >= 0 like 0,4, got {text!r}") from None
+    if not out or min(out) < 0 or max(out) > MAX_DRAFT_LEN or len(set(out)) != len(out):
+        raise BalspecError(f"--lookup-len: expected distinct whole numbers in 0..{MAX_DRAFT_LEN} like 0,4, got {text!r}")
+    return out
+
+
 def parse_peers(text: str | None) -> list[str]:
     peers = [p.strip() for p in (text or "").split(",") if p.strip()]
     bad = [p for p in peers if p not in PEERS]
@@ -176,6 +189,11 @@ def check_options(bm, opts: BenchOptions) -> None:
         raise BalspecError("bench needs exits: pass --exits-path (train them with `balspec train`)")
     validate_exits(list(opts.exits), bm.engine.num_layers)
     check_exits(opts.exits, bm.exits)
+    if bm.engine.static:
+        draft_kind = [e for e in opts.exits if bm.exit_modules.kinds[e] == "draft"]
+        if draft_kind:
+            raise BalspecError(f"exit(s) {','.join(map(str, draft_kind))}: draft-kind exits run only with the dynamic "
+                               "cache: drop --static-cache/--compile or bench sub-model exits")
     check_numbers(opts)
     context = getattr(bm.model.config, "max_position_embeddings", None)
     if context is not None and opts.max_new_tokens >= context:
@@ -197,8 +215,8 @@ def settings(opts: BenchOptions, sub_model_exits: list[int]) -> list[Setting]:
     """Baseline first, then speculative per exit and draft length, early-exit per exit that has a sub-model
     (a draft-kind exit has none), peers."""
     out = [Setting("full", "full")]
-    out += [Setting("speculative", "speculative", e, k, w) for e in opts.exits for k in opts.draft_lens
-            for w in opts.draft_widths]
+    out += [Setting("speculative", "speculative", e, k, w, n) for e in opts.exits for k in opts.draft_lens
+            for w in opts.draft_widths for n in opts.lookup_lens]
     out += [Setting("early-exit", "early-exit", e) for e in opts.exits if e in sub_model_exits] \
         if opts.early_exit else []
     k = peer_draft_len(opts)
@@ -225,6 +243,8 @@ def run_bench(bm, prompt_set: PromptSet, opts: BenchOptions, command: str = "", 
     ids = [bm.encode(p.text) for p in prompt_set.prompts]
     total = len(plan) * (opts.warmup + len(ids)) + sum(s.mode == "speculative" for s in plan)
     done = 0
+    if bm.engine.static:  # storage for the longest prompt now: growing it later would re-capture every graph
+        bm.engine.reset(max(map(len, ids)) + opts.max_new_tokens + MAX_DRAFT_LEN + max(opts.draft_widths) + 1)
 
     def tick(label: str) -> None:
         nonlocal done
@@ -265,6 +285,8 @@ def label(setting: Setting) -> str:
         parts.append(f"k{setting.draft_len}")
     if setting.draft_width > 1:
         parts.append(f"w{setting.draft_width}")
+    if setting.lookup_len:
+        parts.append(f"lookup{setting.lookup_len}")
     return " ".join(parts)
 
 
@@ -276,7 +298,7 @@ def decode(bm, setting: Setting, prompt_ids: list[int], prompt: Prompt, opts: Be
     width = setting.draft_width if setting.mode == "speculative" else None
     out = bm.generate(prompt_ids, mode=setting.mode, exit=setting.exit, draft_len=setting.draft_len,
                       draft_width=width, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
-                      seed=seed, eos=opts.eos)
+                      seed=seed, eos=opts.eos, lookup_len=setting.lookup_len if setting.mode == "speculative" else 0)
     sync_device(bm.device)
     seconds = time.perf_counter() - t0
     s = out.stats
@@ -363,8 +385,8 @@ def model_costs(bm, prompt_ids: list[int], setting: Setting, summary: Summary, r
                 opts: BenchOptions) -> CostModel | None:
     """Pass costs measured on the first prompt, turned into the speedup bound the engine should reach."""
     cycles = sum(len(r.accepted_lengths) for r in runs)
-    if not cycles or summary.mean_accepted_length is None:
-        return None
+    if not cycles or summary.mean_accepted_length is None or setting.lookup_len or bm.engine.compiled:
+        return None  # the model knows no lookup cycles, and pass_costs times a compiled engine's verify eagerly
     k_mean = sum(r.drafted for r in runs) / cycles
     k = max(1, round(k_mean))
     costs = pass_costs(bm, prompt_ids, setting.exit, k, setting.draft_width, repeats=opts.cost_repeats)
@@ -408,7 +430,7 @@ def describe(bm, prompt_set: PromptSet, opts: BenchOptions, command: str, exits_
             "prompts": {"source": prompt_set.source, "count": len(prompt_set.prompts),
                         "categories": prompt_set.categories},
             "exits": opts.exits, "exit_kinds": {str(e): bm.exit_modules.kinds[e] for e in opts.exits},
-            "draft_lens": opts.draft_lens, "draft_widths": opts.draft_widths,
+            "draft_lens": opts.draft_lens, "draft_widths": opts.draft_widths, "lookup_lens": opts.lookup_lens,
             "max_new_tokens": opts.max_new_tokens,
             "temperature": opts.temperature, "seed": opts.seed, "warmup": opts.warmup, "eos": opts.eos,
             "peer_draft_len": peer_draft_len(opts) if opts.peers else None, "command": command}

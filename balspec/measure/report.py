@@ -25,6 +25,7 @@ from balspec.measure.bench import BenchReport, Result, Summary, label
 def result_dict(result: Result) -> dict:
     s = result.setting
     return {"mode": s.mode, "name": s.name, "exit": s.exit, "draft_len": s.draft_len, "draft_width": s.draft_width,
+            "lookup_len": s.lookup_len,
             **asdict(result.summary),
             "cost_model": asdict(result.cost_model) if result.cost_model is not None else None,
             "per_category": {c: asdict(v) for c, v in result.per_category.items()}}
@@ -68,7 +69,8 @@ def print_tables(report: BenchReport, console=None) -> None:
         if s.greedy_mismatches:  # exactness is broken (or bf16 broke a near-tie): make it impossible to miss
             mismatch = f"[bold red]{mismatch} ({s.mismatches_per_1000_tokens:.1f}/1k tok)[/]"
         width = _text(r.setting.draft_width) if r.setting.mode == "speculative" else ""
-        table.add_row(r.setting.name, _text(r.setting.exit), _text(r.setting.draft_len), width,
+        name = r.setting.name + (f" +lookup{r.setting.lookup_len}" if r.setting.lookup_len else "")
+        table.add_row(name, _text(r.setting.exit), _text(r.setting.draft_len), width,
                       _num(s.acceptance_rate, "{:.2f}"), _num(s.mean_accepted_length, "{:.2f}"),
                       _hist(s.accepted_hist), f"{s.tokens_per_second:.1f}", _num(s.speedup, "{:.2f}x"),
                       _num(c.bound if c else None, "{:.2f}x"), _num(c.efficiency if c else None, "{:.0%}"),
@@ -91,10 +93,10 @@ def plot(report: BenchReport, path: str | Path) -> None:
     plt = require_matplotlib()
     fig, (ax_speed, ax_tau) = plt.subplots(1, 2, figsize=(11, 4.2))
     spec = [r for r in report.results if r.setting.mode == "speculative"]
-    for k, w in dict.fromkeys((r.setting.draft_len, r.setting.draft_width) for r in spec):
-        rows = [r for r in spec if (r.setting.draft_len, r.setting.draft_width) == (k, w)]
+    for k, w, n in dict.fromkeys((r.setting.draft_len, r.setting.draft_width, r.setting.lookup_len) for r in spec):
+        rows = [r for r in spec if (r.setting.draft_len, r.setting.draft_width, r.setting.lookup_len) == (k, w, n)]
         exits = [r.setting.exit for r in rows]
-        name = f"k={k}" + (f" w={w}" if w > 1 else "")
+        name = f"k={k}" + (f" w={w}" if w > 1 else "") + (f" lookup={n}" if n else "")
         ax_speed.plot(exits, [r.summary.speedup for r in rows], "o-", label=f"speculative {name}")
         ax_tau.plot(exits, [r.summary.mean_accepted_length for r in rows], "o-", label=name)
     early = [r for r in report.results if r.setting.mode == "early-exit"]
