@@ -38,7 +38,7 @@ def main() -> None:
     bm = balspec.load()
     engine = bm.engine
     if engine.skinny:  # the engine installs it on the head only; its layers call engine.linear directly
-        skinny.install([engine.parts.layers])
+        skinny.install([engine.parts.layers], engine.linear)
     ids = bm.encode(PROMPT)
     start = len(ids)
     slots = range(engine.num_layers)

@@ -105,3 +105,20 @@ def test_engine_is_exact_with_either_matmul_form(forced, monkeypatch):
     for k in (1, 4):
         out = bm.generate([5, 9, 14], mode="speculative", exit=3, draft_len=k, max_new_tokens=24, eos=False)
         assert out.token_ids == full.token_ids
+
+
+def test_few_rows_products_take_the_skinny_form_only_for_the_chosen_row_counts(monkeypatch):
+    """The choice is per row count (one row: a decode step; several: a verify): a machine where only several
+    rows gain keeps F.linear's one-row kernel, and the other way round."""
+    calls = []
+    real = skinny.skinny_linear
+    monkeypatch.setattr(skinny, "skinny_linear", lambda x, w, b=None: calls.append(x.shape[0]) or real(x, w, b))
+    linear, weight = skinny.FewRows(skinny.SEVERAL), torch.randn(8, 4)
+    for rows in (1, 2, 4, 7):
+        x = torch.randn(rows, 4)
+        assert torch.allclose(linear(x, weight), F.linear(x, weight), atol=1e-6)
+    assert calls == [2, 4]
+    monkeypatch.setenv("BALSPEC_SKINNY_MATMUL", "1")
+    assert skinny.prefer_skinny([weight]) == skinny.ONE | skinny.SEVERAL
+    monkeypatch.setenv("BALSPEC_SKINNY_MATMUL", "0")
+    assert skinny.prefer_skinny([weight]) == frozenset()

@@ -5,12 +5,17 @@ the same product written as W @ x^T, and its matrix-vector kernel (one row) slow
 kernel on two. Measured on this project's 2-core CPU (AMD EPYC, MKL, fp32, weights streamed from memory as
 in a decode step): a SmolLM2 layer's matrices take 0.23 ms per product with F.linear for one row and 0.11 ms
 as W @ [x; x]^T; for two to four rows 0.24-0.30 ms against 0.08-0.16 ms. Whether a machine behaves so is
-measured once per engine (`prefer_skinny`), not assumed: the fast form is installed only where it wins.
+measured once per engine (`prefer_skinny`), not assumed, for one row and for several apart: the fast form is
+used only for the row counts where it wins. They can differ: on the 2-core AVX2 VM F.linear's one-row kernel ran
+as fast as W @ [x; x]^T (30 against 34-38 ms over the trunk's matrices) while for two rows it took 53-56 ms
+against 31-38, and a single yes/no over both (the rule before) came out "no" there, leaving every verify on
+the slow form (speculation at 0.77x of `full` where it reached 1.15x with the skinny verify).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import types
@@ -37,26 +42,32 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """skinny_linear for at most MAX_ROWS rows of x, F.linear beyond (a prefill)."""
-    if x.numel() > MAX_ROWS * x.shape[-1]:
+class FewRows:
+    """F.linear(x, weight, bias), computed as skinny_linear when x has one of the row counts in `rows` (a subset
+    of 1..MAX_ROWS): the engine's product for decode steps and verify passes (`Engine.linear`)."""
+
+    def __init__(self, rows: frozenset[int]):
+        self.rows = rows
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.numel() // x.shape[-1] in self.rows:
+            return skinny_linear(x, weight, bias)
         return F.linear(x, weight, bias)
-    return skinny_linear(x, weight, bias)
 
 
-def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _forward(self: nn.Linear, x: torch.Tensor, linear: FewRows) -> torch.Tensor:
     if torch.is_grad_enabled():  # training keeps nn.Linear's own path
         return F.linear(x, self.weight, self.bias)
-    return few_rows_linear(x, self.weight, self.bias)
+    return linear(x, self.weight, self.bias)
 
 
-def install(modules: list[nn.Module]) -> None:
-    """Give every nn.Linear inside `modules` the few-rows forward above (an instance attribute, so the
+def install(modules: list[nn.Module], linear: FewRows) -> None:
+    """Give every nn.Linear inside `modules` the few-rows forward `linear` (an instance attribute, so the
     class and every other model are untouched; state dicts do not change)."""
     for module in modules:
         for sub in module.modules():
             if type(sub) is nn.Linear and "forward" not in sub.__dict__:
-                sub.forward = types.MethodType(_forward, sub)
+                sub.forward = types.MethodType(functools.partial(_forward, linear=linear), sub)
 
 
 @contextlib.contextmanager
@@ -71,22 +82,30 @@ def suspended(module: nn.Module):
             m.forward = forward
 
 
-def prefer_skinny(weights: list[torch.Tensor], repeats: int = 3) -> bool:
-    """Time F.linear against skinny_linear over these weights (streamed, as in a decode step) for one and
-    four rows; True when the skinny form is clearly faster. BALSPEC_SKINNY_MATMUL=0/1 overrides."""
+ONE, SEVERAL = frozenset({1}), frozenset(range(2, MAX_ROWS + 1))
+
+
+def prefer_skinny(weights: list[torch.Tensor], repeats: int = 3) -> frozenset[int]:
+    """The row counts for which skinny_linear is clearly faster (by 20%) than F.linear over these weights
+    (streamed, as in a decode step), timed apart for one row (a decode step) and for two and four (a verify),
+    after one untimed round. BALSPEC_SKINNY_MATMUL=0/1 overrides (none / every count up to MAX_ROWS)."""
     forced = os.environ.get("BALSPEC_SKINNY_MATMUL")
     if forced in ("0", "1"):
-        return forced == "1"
+        return ONE | SEVERAL if forced == "1" else frozenset()
     if not weights:
-        return False
-    inputs = {(rows, w.shape[1]): torch.randn(rows, w.shape[1], dtype=w.dtype) for rows in (1, 4) for w in weights}
-    totals = {F.linear: 0.0, skinny_linear: 0.0}
+        return frozenset()
+    inputs = {(rows, w.shape[1]): torch.randn(rows, w.shape[1], dtype=w.dtype) for rows in (1, 2, 4) for w in weights}
+    totals = {(fn, rows): 0.0 for fn in (F.linear, skinny_linear) for rows in (1, 2, 4)}
     with torch.inference_mode():
-        for _ in range(repeats):
-            for fn in totals:
+        for round_ in range(repeats + 1):
+            for fn, rows in totals:
                 start = time.perf_counter()
-                for rows in (1, 4):
-                    for w in weights:
-                        fn(inputs[rows, w.shape[1]], w)
-                totals[fn] += time.perf_counter() - start
-    return totals[skinny_linear] < 0.8 * totals[F.linear]
+                for w in weights:
+                    fn(inputs[rows, w.shape[1]], w)
+                if round_:  # the first round warms caches and kernels up
+                    totals[fn, rows] += time.perf_counter() - start
+
+    def wins(counts: tuple[int, ...]) -> bool:
+        return sum(totals[skinny_linear, r] for r in counts) < 0.8 * sum(totals[F.linear, r] for r in counts)
+
+    return (ONE if wins((1,)) else frozenset()) | (SEVERAL if wins((2, 4)) else frozenset())

@@ -115,14 +115,16 @@ class Engine:
         self.lean = self.layer_path == "lean"
         # CPU: products over a few rows run as W @ x^T where this machine measures that faster (skinny.py)
         trunk_weights = [m.weight for m in self.parts.layers.modules() if type(m) is torch.nn.Linear]
-        self.skinny = self.device.type == "cpu" and skinny.prefer_skinny(trunk_weights)
+        self.skinny_rows = skinny.prefer_skinny(trunk_weights) if self.device.type == "cpu" else frozenset()
+        self.skinny = bool(self.skinny_rows)
+        few_rows = skinny.FewRows(self.skinny_rows)
         if self.skinny:  # the lean forward's products go through self.linear (layers.py), the modules' through this
             skinny.install([self.parts.head] if self.lean else
-                           [self.parts.head, self.parts.layers, *([exits] if exits is not None else [])])
+                           [self.parts.head, self.parts.layers, *([exits] if exits is not None else [])], few_rows)
         # a draft head over the most frequent tokens only: q is zero elsewhere, so exactness holds
         self.draft_vocab = draft_vocab.to(self.device, torch.long) if draft_vocab is not None else None
         self.draft_weight = weight[self.draft_vocab].contiguous() if draft_vocab is not None else None
-        self.linear = skinny.few_rows_linear if self.skinny else torch.nn.functional.linear  # for every few-row product
+        self.linear = few_rows if self.skinny else torch.nn.functional.linear  # for every few-row product
         self.previous_deep: torch.Tensor | None = None  # draft-kind exits: final normed state [1, 1, hidden]
         #                                                 of the position before the pending token
         self._trees: dict[tuple[int, int], DraftTree] = {}

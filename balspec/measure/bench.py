@@ -424,7 +424,7 @@ def describe(bm, prompt_set: PromptSet, opts: BenchOptions, command: str, exits_
             "model": getattr(bm.model.config, "_name_or_path", "") or type(bm.model).__name__,
             "exits_checkpoint": exits_checkpoint,
             "draft_vocab": None if bm.engine.draft_vocab is None else int(bm.engine.draft_vocab.numel()),
-            "skinny_matmul": bm.engine.skinny, "layer_path": bm.engine.layer_path,
+            "skinny_matmul": bm.engine.skinny, "skinny_rows": sorted(bm.engine.skinny_rows), "layer_path": bm.engine.layer_path,
             "static_cache": bm.engine.static, "compile": bm.engine.compiled,
             "versions": {"balspec": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
             "prompts": {"source": prompt_set.source, "count": len(prompt_set.prompts),
