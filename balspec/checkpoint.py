@@ -161,7 +161,9 @@ def _meta_schema() -> dict:
             "weights_sha256": (_TEXT, True),
             "training": ({"config": (_OBJECT, False)}, False),
             "defaults": ({"mode": (_one_of(MODES), False), "exit": (_WHOLE, False), "draft_len": (draft_len, False),
-                          "draft_width": (_COUNT, False), "measured": (_OBJECT, False)}, False),
+                          "draft_width": (_COUNT, False), "measured": (_OBJECT, False),
+                          "lookup_len": ((lambda v: _is_whole(v) and 0 <= v <= 64, "a whole number in 0..64"), False)},
+                         False),
             "draft_vocab": ({"size": (_COUNT, True), "train_coverage": (_NUMBER_OR_NULL, False),
                              "heldout_coverage": (_NUMBER_OR_NULL, False), "source": (_TEXT, False)}, False)}
 
