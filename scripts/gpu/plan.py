@@ -216,6 +216,7 @@ def part_bench(cfg: PlanConfig, deadline: float) -> None:
             write_json(cfg.results / "a_syncs.json", count_syncs(bm, cfg))
         remaining = deadline - time.time()
         opts = bench_lib.BenchOptions(exits=chunk.get("exits", cfg.exits), draft_lens=chunk["draft_lens"],
+                                      lookup_lens=chunk.get("lookup_lens", [0]),
                                       draft_widths=chunk["widths"], max_new_tokens=cfg.bench_tokens,
                                       peers=chunk["peers"], early_exit=chunk["early_exit"])
         n_settings = len(bench_lib.settings(opts, bm.exit_modules.sub_model_exits))
@@ -282,7 +283,8 @@ def count_syncs(bm, cfg: PlanConfig) -> dict:
 
 
 def bench_chunks(cfg: PlanConfig) -> list[dict]:
-    """Highest priority first: the core grid in bf16 then fp32 on both prompt sets, then CUDA graphs against
+    """Highest priority first: the core grid in bf16 then fp32 on both prompt sets, then prompt lookup (bf16, the
+    first exit, k 1 and auto, lookup 0 and 4, both prompt sets), then CUDA graphs against
     those eager numbers (bf16, built-in prompts, the first exit, k 1, 2, 4: `--compile cuda-graphs`, which
     captures in milliseconds; torch.compile's "reduce-overhead" would spend minutes compiling), then the rest
     of the grid (k 3,5,6 and width 3: draft lengths 1..6 and auto x widths 1,3 in all)."""
@@ -296,6 +298,9 @@ def bench_chunks(cfg: PlanConfig) -> list[dict]:
             ("w3", dict(draft_lens=[1, 2, 3, 4, 5, 6, "auto"], widths=[3], peers=[], early_exit=False))]
     short = {"bfloat16": "bf16", "float32": "fp32"}
     chunks = [dict(name=f"{short[d]}_{s}_core", dtype=d, prompts=p, **core) for d in cfg.dtypes for s, p in sets]
+    chunks += [dict(name=f"{short[cfg.dtypes[0]]}_{s}_lookup", dtype=cfg.dtypes[0], prompts=p, exits=cfg.exits[:1],
+                    draft_lens=[1, "auto"], widths=[1], lookup_lens=[0, 4], peers=[], early_exit=False)
+               for s, p in sets]
     chunks.append(dict(name=f"{short[cfg.dtypes[0]]}_builtin_cuda_graphs", dtype=cfg.dtypes[0], prompts=None,
                        compile="cuda-graphs", exits=cfg.exits[:1], draft_lens=[1, 2, 4], widths=[1], peers=[],
                        early_exit=False))
@@ -309,6 +314,7 @@ def bench_command(cfg: PlanConfig, chunk: dict, source: str | None, prompts: int
     args = ["balspec", "bench", "--exits", ",".join(map(str, chunk.get("exits", cfg.exits))),
             "--draft-len", ",".join(map(str, chunk["draft_lens"])),
             "--draft-width", ",".join(map(str, chunk["widths"])), "--num-prompts", str(prompts),
+            "--lookup-len", ",".join(map(str, chunk.get("lookup_lens", [0]))),
             "--max-new-tokens", str(cfg.bench_tokens), "--dtype", chunk["dtype"], "--device", cfg.device]
     if source:
         args += ["--prompts", source]
