@@ -11,6 +11,13 @@ import typer
 
 from balspec.errors import BalspecError
 
+# options of both generate and bench
+STATIC_CACHE = typer.Option(False, "--static-cache", help="Static-shape passes: K/V written by index, attention over "
+                            "the whole cache under a position mask (what --compile needs).")
+COMPILE = typer.Option(None, "--compile", help="Static shapes, and each decode step, draft step and verify captured "
+                       "once per shape: 'cuda-graphs' (CUDA only: the eager kernels as a CUDA graph; milliseconds) or "
+                       "'reduce-overhead' (torch.compile: inductor's kernels, CUDA graphs on a GPU; minutes to compile).")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Self-speculative decoding with Balcony exits: train, generate, bench, export.")
 
@@ -57,12 +64,8 @@ def generate(
     layer_path: str = typer.Option("auto", "--layer-path", help="How decoder layers run: auto (balspec's lean "
                                    "forward where a check at start shows it exact, else generic), lean or generic "
                                    "(the model's own layer modules)."),
-    static_cache: bool = typer.Option(False, "--static-cache", help="Static-shape passes: K/V written by index, "
-                                      "attention over the whole cache under a position mask (what --compile needs)."),
-    compile: str | None = typer.Option(None, "--compile", help="Static shapes, and each decode step, draft step and "
-                                       "verify captured once per shape: 'cuda-graphs' (CUDA only: the eager kernels "
-                                       "as a CUDA graph; milliseconds) or 'reduce-overhead' (torch.compile: "
-                                       "inductor's kernels, CUDA graphs on a GPU; minutes to compile)."),
+    static_cache: bool = STATIC_CACHE,
+    compile: str | None = COMPILE,
 ) -> None:
     """Generate text with the full model, an exit's sub-model, or speculatively (exact full-model output).
 
@@ -231,12 +234,8 @@ def bench(
     layer_path: str = typer.Option("auto", "--layer-path", help="How decoder layers run: auto (balspec's lean "
                                    "forward where a check at start shows it exact, else generic), lean or generic "
                                    "(the model's own layer modules)."),
-    static_cache: bool = typer.Option(False, "--static-cache", help="Static-shape passes: K/V written by index, "
-                                      "attention over the whole cache under a position mask (what --compile needs)."),
-    compile: str | None = typer.Option(None, "--compile", help="Static shapes, and each decode step, draft step and "
-                                       "verify captured once per shape: 'cuda-graphs' (CUDA only: the eager kernels "
-                                       "as a CUDA graph; milliseconds) or 'reduce-overhead' (torch.compile: "
-                                       "inductor's kernels, CUDA graphs on a GPU; minutes to compile)."),
+    static_cache: bool = STATIC_CACHE,
+    compile: str | None = COMPILE,
 ) -> None:
     """Measure acceptance, tokens per cycle (tau) and wall-clock speedup per exit and draft length.
 
