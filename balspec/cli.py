@@ -86,8 +86,10 @@ def generate(
     import json
 
     from balspec import stream
+    from balspec.engine.speculative import check_compile
     from balspec.generate import load
 
+    check_compile(compile)  # before the model loads
     bm = load(model=model, exits=exits_path, dtype=dtype, device=device, draft_vocab=not full_draft_head,
               logits_dtype=logits_dtype, layer_path=layer_path, static_cache=static_cache, compile=compile)
     kwargs = dict(mode=mode, exit=exit_layer, draft_len=draft_len, draft_width=draft_width, lookup_len=lookup_len,
