@@ -86,7 +86,7 @@ def generate(
     import json
 
     from balspec import stream
-    from balspec.engine.speculative import check_compile
+    from balspec.engine.graphs import check_compile
     from balspec.generate import load
 
     check_compile(compile)  # before the model loads
@@ -265,7 +265,8 @@ def bench(
     import shlex
 
     from balspec.checkpoint import read_meta
-    from balspec.engine.speculative import check_compile, parse_layer_path
+    from balspec.engine.graphs import check_compile
+    from balspec.engine.speculative import parse_layer_path
     from balspec.exits import parse_exits
     from balspec.files import check_output_file
     from balspec.generate import load

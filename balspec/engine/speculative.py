@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from balspec.engine import skinny
+from balspec.engine import graphs, skinny
 from balspec.engine.architecture import architecture, causal_mask
 from balspec.engine.cache import KVCache, StaticWrites
 from balspec.engine.layers import decoder_layer, has_lean_form, key_value, module_layer
@@ -27,15 +27,7 @@ AUTO_MAX_DRAFT = 8  # "auto" drafts until the draft is unsure, at most this many
 MAX_DRAFT_LEN = 64  # --draft-len bound: acceptance^k makes longer chains worthless, and the cache holds k rows
 MAX_DRAFT_WIDTH = 64  # --draft-width bound: each sibling is one more verify row
 AUTO_MIN_CONFIDENCE = 0.6  # ... where unsure means top probability below this (0.4/0.6/0.8 measured: 0.6 won)
-COMPILE_MODES = ("reduce-overhead", "cuda-graphs")  # --compile: torch.compile's, or balspec's own capture (CUDA)
-_COMPILED = [0]  # pass shapes handed to torch.compile in this process (they share one code object: _allow_graphs)
 LAYER_PATHS = ("lean", "generic")  # layers.py: balspec's own forward of a Llama-family layer, or the model's module
-
-
-def check_compile(mode: str | None) -> None:
-    """--compile: None or one of COMPILE_MODES, else BalspecError."""
-    if mode not in (None, *COMPILE_MODES):
-        raise BalspecError(f"--compile: choose one of {', '.join(COMPILE_MODES)}; got {mode!r}")
 
 
 def parse_layer_path(value: str | None) -> str | None:
@@ -80,7 +72,7 @@ class Engine:
                  logits_dtype: str = "model", layer_path: str | None = None, static_cache: bool = False,
                  compile: str | None = None):
         self.model = model
-        check_compile(compile)
+        graphs.check_compile(compile)
         self.static, self.compiled = static_cache or compile is not None, compile
         self._graph_pool = None  # cuda-graphs: one memory pool for every captured pass (replayed one at a time)
         self._passes: dict[tuple, Callable] = {}  # static passes by their shape, compiled or not (_static_pass)
@@ -300,21 +292,11 @@ class Engine:
                 return out if norm is None else norm(out)
 
             run = forward
-            if self.compiled == "cuda-graphs" and (tree is not None or length == 1):
-                if self._graph_pool is None:
+            if self.compiled and (tree is not None or length == 1):
+                if self.compiled == "cuda-graphs" and self._graph_pool is None:
                     self._graph_pool = torch.cuda.graph_pool_handle()
-                run = _CapturedPass(forward, self._graph_pool)
+                run = graphs.capture(forward, self.compiled, self._graph_pool)
                 self.compiled_passes += 1
-            elif self.compiled and (tree is not None or length == 1):
-                _COMPILED[0] += 1
-                _allow_graphs(_COMPILED[0])
-                self.compiled_passes += 1
-                graph = torch.compile(forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
-
-                def run(hidden: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-                    torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier outputs are clones already
-                    return graph(hidden, start).clone()
-
             self._passes[key] = run
         return run
 
@@ -592,45 +574,11 @@ def _confidence(logits: torch.Tensor, q: torch.Tensor | None, sampling: Sampling
     Temperature 1 is the one the exit was trained at (KL to the full model), where its top probability tracks
     how often the full model agrees; below it q is sharper than the exit's knowledge (near T = 0 one-hot, so
     every draft looked sure and each cycle drafted AUTO_MAX_DRAFT tokens that the full model mostly rejected)."""
-    if q is not None and sampling.temperature >= 1:
+    if sampling.greedy:
+        return logits.float().softmax(-1).max().item()
+    if sampling.temperature >= 1:
         return q.max().item()
     return probabilities(logits, Sampling(1.0, sampling.top_k, sampling.top_p)).max().item()
-
-
-class _CapturedPass:
-    """A static pass captured as a CUDA graph on its first call (--compile cuda-graphs), replayed after: its
-    inputs are copied into the graph's own buffers, the output cloned out of the shared pool. The first call
-    runs the pass on a side stream (warm-up, as torch.cuda.graph asks) and the replay runs it again: both
-    write the same K/V at the same indices, so the cache is as after one run."""
-
-    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], pool):
-        self.forward, self.pool, self.graph = forward, pool, None
-
-    def __call__(self, hidden: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        if self.graph is None:
-            self.hidden, self.start = hidden.clone(), start.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.forward(self.hidden, self.start)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=self.pool):
-                self.out = self.forward(self.hidden, self.start)
-        self.hidden.copy_(hidden)
-        self.start.copy_(start)
-        self.graph.replay()
-        return self.out.clone()
-
-
-def _allow_graphs(count: int) -> None:
-    """Every static pass shares one function's code, so torch.compile counts each new shape (exit, k, width, and
-    again after the cache grows) as a recompile of it; its default limit (8) would end compiling mid-bench, and
-    under fullgraph with an error. Raise the limits to the number of shapes compiled in this process so far."""
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(config, name) and getattr(config, name) < 2 * count:
-            setattr(config, name, 2 * count)
 
 
 def sync_device(device) -> None:

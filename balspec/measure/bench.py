@@ -143,15 +143,20 @@ def parse_draft_lens(text: str) -> list[int | str]:
     return out
 
 
-def parse_draft_widths(text: str, temperature: float = 0.0) -> list[int]:
-    """`1` or `1,3` -> [1, 3]; widths above 1 verify siblings of the first draft, which needs greedy decoding."""
+def _whole_numbers(text: str, flag: str, low: int, high: int, example: str) -> list[int]:
+    """`1,3` -> [1, 3]: distinct whole numbers in low..high, else BalspecError naming the flag."""
     try:
         out = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise BalspecError(f"--draft-width: expected whole numbers >= 1 like 1,3, got {text!r}") from None
-    if not out or min(out) < 1 or max(out) > MAX_DRAFT_WIDTH or len(set(out)) != len(out):
-        raise BalspecError(f"--draft-width: expected distinct whole numbers in 1..{MAX_DRAFT_WIDTH} like 1,3, "
-                           f"got {text!r}")
+        raise BalspecError(f"{flag}: expected whole numbers >= {low} like {example}, got {text!r}") from None
+    if not out or min(out) < low or max(out) > high or len(set(out)) != len(out):
+        raise BalspecError(f"{flag}: expected distinct whole numbers in {low}..{high} like {example}, got {text!r}")
+    return out
+
+
+def parse_draft_widths(text: str, temperature: float = 0.0) -> list[int]:
+    """`1` or `1,3` -> [1, 3]; widths above 1 verify siblings of the first draft, which needs greedy decoding."""
+    out = _whole_numbers(text, "--draft-width", 1, MAX_DRAFT_WIDTH, "1,3")
     if max(out) > 1 and temperature > 0:
         raise BalspecError("--draft-width > 1 needs greedy decoding (--temperature 0)")
     return out
@@ -159,13 +164,7 @@ def parse_draft_widths(text: str, temperature: float = 0.0) -> list[int]:
 
 def parse_lookup_lens(text: str) -> list[int]:
     """`0` or `0,4` -> [0, 4]: the most drafts a cycle reads from the context (0: the exit drafts every cycle)."""
-    try:
-        out = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise BalspecError(f"--lookup-len: expected whole numbers >= 0 like 0,4, got {text!r}") from None
-    if not out or min(out) < 0 or max(out) > MAX_DRAFT_LEN or len(set(out)) != len(out):
-        raise BalspecError(f"--lookup-len: expected distinct whole numbers in 0..{MAX_DRAFT_LEN} like 0,4, got {text!r}")
-    return out
+    return _whole_numbers(text, "--lookup-len", 0, MAX_DRAFT_LEN, "0,4")
 
 
 def parse_peers(text: str | None) -> list[str]:
