@@ -42,6 +42,8 @@ class GenerationStats:
     accepted_lengths: list[int] = field(default_factory=list)  # accepted drafts per cycle
     cycle_tokens: int = 0  # tokens emitted by verify cycles (all but the prefill's token)
     lookup_cycles: int = 0  # cycles whose drafts came from the context (their drafts count as drafted too)
+    lookup_drafted: int = 0  # of `drafted`, those read from the context
+    lookup_accepted: int = 0  # of `accepted`, those read from the context
     seconds: float = 0.0  # wall time of prefill + decoding, device-synchronised
 
     # Counting convention (the same in `generate` and `bench`): only what reaches the output counts. In the
@@ -54,6 +56,11 @@ class GenerationStats:
         return self.accepted / self.drafted if self.drafted else None
 
     @property
+    def lookup_acceptance_rate(self) -> float | None:
+        """Accepted / drafted over the drafts read from the context (lookup cycles) alone."""
+        return self.lookup_accepted / self.lookup_drafted if self.lookup_drafted else None
+
+    @property
     def mean_accepted_length(self) -> float | None:
         """tau: tokens emitted per verify cycle, the bonus token included."""
         return self.cycle_tokens / self.cycles if self.cycles else None
@@ -64,7 +71,7 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "acceptance_rate": self.acceptance_rate,
-                "mean_accepted_length": self.mean_accepted_length, "tokens_per_second": self.tokens_per_second}
+                "lookup_acceptance_rate": self.lookup_acceptance_rate, "mean_accepted_length": self.mean_accepted_length, "tokens_per_second": self.tokens_per_second}
 
 
 @dataclass
@@ -257,6 +264,9 @@ class BalconyModel:
                 stats.drafted += drafted
                 stats.accepted += accepted
                 stats.accepted_lengths.append(accepted)
+                if looked_up:
+                    stats.lookup_drafted += drafted
+                    stats.lookup_accepted += accepted
             if on_cycle:
                 t1 = time.perf_counter()
                 on_cycle(cycle.tokens[:kept], [] if cut else cycle.drafts[cycle.accepted:])

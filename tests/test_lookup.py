@@ -29,6 +29,13 @@ def test_lookup_proposes_what_followed_the_latest_longest_match():
     assert lookup.propose(100)[-1] == 2  # never past the end of the history
 
 
+def test_lookup_match_reports_the_size_and_reads_on_after_tokens_not_added():
+    lookup = NgramLookup([1, 2, 3, 4, 5, 1, 2], sizes=tuple(range(8, 0, -1)))
+    assert lookup.match(lookup.sizes) == (2, 2)  # "1 2" followed by 3 (index 2); "5 1 2" never seen
+    assert lookup.match(lookup.sizes, after=[3]) == (3, 3)  # "1 2 3" followed by 4
+    assert lookup.match((2,), after=[9]) == (0, -1) and lookup.tokens == [1, 2, 3, 4, 5, 1, 2]
+
+
 def test_lookup_tokens_after_the_prompts_end_are_proposed():
     lookup = NgramLookup([7, 8, 9, 10, 7, 8])
     assert lookup.propose(4) == [9, 10, 7, 8]
@@ -75,6 +82,37 @@ def test_greedy_with_lookup_cycles_equals_full(monkeypatch, static_cache):
             assert out.token_ids == full, (e, k, width)
             lookups, accepted = lookups + out.stats.lookup_cycles, accepted + out.stats.accepted
     assert lookups > 20 and accepted > 0
+
+
+def test_lookup_counts_are_kept_apart_from_the_exits(monkeypatch):
+    """Stats split the looked-up drafts from the exit's: a script that proposes the full model's own next
+    tokens on every other cycle and a wrong first token on the others gives lookup acceptance exactly
+    (right drafts) / (all looked-up drafts), and nothing drafted by the exit."""
+    from balspec import generate as generate_module
+
+    bm = make_bm()
+    prompt = list(range(30, 41))
+    full = bm.generate(prompt, mode="full", max_new_tokens=30, eos=False).token_ids
+    proposed = []
+
+    def propose(lookup, count):
+        done = len(lookup.tokens) - len(prompt)
+        proposal = list(full[done:done + min(count, 2)])
+        if len(proposed) % 2 and proposal:
+            proposal[0] = (proposal[0] + 1) % 200 + 3  # never the full model's token: rejected at once
+        proposed.append(proposal)
+        return proposal
+
+    monkeypatch.setattr(generate_module.NgramLookup, "propose", propose)
+    out = bm.generate(prompt, mode="speculative", exit=3, draft_len=1, lookup_len=2, max_new_tokens=30, eos=False)
+    s = out.stats
+    assert out.token_ids == full
+    # every cycle a lookup cycle but the last, whose budget of one token leaves nothing to draft
+    assert s.lookup_cycles == s.cycles - 1 and s.lookup_drafted == s.drafted and s.lookup_accepted == s.accepted
+    right = sum(len(p) for i, p in enumerate(proposed) if i % 2 == 0)
+    assert s.lookup_accepted <= right < s.lookup_drafted  # the last proposal may run past the end of the output
+    assert s.lookup_acceptance_rate == s.lookup_accepted / s.lookup_drafted and 0.3 < s.lookup_acceptance_rate < 0.7
+    assert out.to_dict()["stats"]["lookup_acceptance_rate"] == s.lookup_acceptance_rate
 
 
 def test_lookup_cycle_keeps_the_balcony_cache_as_a_plain_run_makes_it():

@@ -13,11 +13,13 @@ NGRAM_SIZES = (4, 3, 2)  # tried longest first: a longer match predicts better
 
 
 class NgramLookup:
-    """The token history of one generation and, for every n-gram in it (n in NGRAM_SIZES), the index of the token
-    that followed its latest occurrence. O(len(NGRAM_SIZES)) per token added, O(1) dictionary reads per proposal."""
+    """The token history of one generation and, for every n-gram in it (n in `sizes`, default NGRAM_SIZES), the
+    index of the token that followed its latest occurrence. O(len(sizes)) per token added, O(1) dictionary
+    reads per proposal."""
 
-    def __init__(self, tokens: list[int]):
+    def __init__(self, tokens: list[int], sizes: tuple[int, ...] = NGRAM_SIZES):
         self.tokens: list[int] = []
+        self.sizes = sizes
         self.follower: dict[tuple[int, ...], int] = {}
         self.extend(tokens)
 
@@ -25,7 +27,7 @@ class NgramLookup:
         for token in tokens:
             self.tokens.append(token)
             i = len(self.tokens) - 1  # the n-grams ending just before token i are now followed by it
-            for n in NGRAM_SIZES:
+            for n in self.sizes:
                 if i >= n:
                     self.follower[tuple(self.tokens[i - n:i])] = i
 
@@ -34,9 +36,17 @@ class NgramLookup:
         seen before (of NGRAM_SIZES tokens); [] when there is none or count < 1."""
         if count < 1:
             return []
-        for n in NGRAM_SIZES:
-            if len(self.tokens) > n:
-                start = self.follower.get(tuple(self.tokens[-n:]))
+        n, start = self.match(self.sizes)
+        return self.tokens[start:start + count] if n else []
+
+    def match(self, sizes: tuple[int, ...], after: list[int] = ()) -> tuple[int, int]:
+        """(n, index of the token that followed) for the first n in `sizes` (indexed ones) whose n-gram ending
+        the history, continued by the tokens `after` (not added), occurred in the history; (0, -1) if none."""
+        tail = self.tokens[-max(sizes):] + list(after) if after else self.tokens
+        length = len(self.tokens) + len(after)
+        for n in sizes:
+            if length > n:
+                start = self.follower.get(tuple(tail[-n:]))
                 if start is not None:
-                    return self.tokens[start:start + count]
-        return []
+                    return n, start
+        return 0, -1

@@ -70,6 +70,9 @@ class Run:
     accepted: int = 0
     accepted_lengths: list[int] = field(default_factory=list)
     cycle_tokens: int = 0  # tokens emitted by verify cycles (GenerationStats' counting convention)
+    lookup_cycles: int = 0  # cycles that verified drafts read from the context
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
 
 
 @dataclass
@@ -84,6 +87,8 @@ class Summary:
     acceptance_rate: float | None = None
     mean_accepted_length: float | None = None  # tau: tokens per cycle, bonus included
     accepted_hist: list[int] | None = None  # [n] = cycles that accepted n drafts
+    lookup_share: float | None = None  # with --lookup-len: the share of cycles that verified drafts from the context
+    lookup_acceptance_rate: float | None = None  # ... and accepted / drafted over those drafts alone
     greedy_mismatches: int | None = None  # prompts whose greedy tokens differ from the baseline's
     # first differences per 1000 tokens decoded in agreement with the baseline (up to and including the first
     # difference): 0 in fp32; in bf16 the verify pass's rounding may break a near-tie differently
@@ -301,7 +306,8 @@ def decode(bm, setting: Setting, prompt_ids: list[int], prompt: Prompt, opts: Be
     sync_device(bm.device)
     seconds = time.perf_counter() - t0
     s = out.stats
-    return Run(prompt, list(out.token_ids), seconds, s.drafted, s.accepted, list(s.accepted_lengths), s.cycle_tokens)
+    return Run(prompt, list(out.token_ids), seconds, s.drafted, s.accepted, list(s.accepted_lengths), s.cycle_tokens,
+               s.lookup_cycles, s.lookup_drafted, s.lookup_accepted)
 
 
 def decode_peer(bm, setting: Setting, prompt_ids: list[int], prompt: Prompt, opts: BenchOptions,
@@ -358,6 +364,10 @@ def summarize(runs: list[Run], baseline: list[Run] | None = None, compare: bool 
         summary.mean_accepted_length = sum(r.cycle_tokens for r in runs) / len(lengths)
         counts = Counter(lengths)
         summary.accepted_hist = [counts[n] for n in range(max(lengths) + 1)]
+        lookup_drafted = sum(r.lookup_drafted for r in runs)
+        if lookup_drafted:
+            summary.lookup_share = sum(r.lookup_cycles for r in runs) / len(lengths)
+            summary.lookup_acceptance_rate = sum(r.lookup_accepted for r in runs) / lookup_drafted
     return summary
 
 

@@ -2,8 +2,8 @@
 
 The JSON document (`to_json`) is the contract that scripts read:
 {"meta": {...}, "baseline": {"mode": "full", "tokens_per_second", ...},
- "results": [{"mode", "name", "exit", "draft_len", "draft_width", "acceptance_rate", "mean_accepted_length",
-              "accepted_hist", "tokens_per_second", "speedup", "greedy_mismatches",
+ "results": [{"mode", "name", "exit", "draft_len", "draft_width", "lookup_len", "acceptance_rate",
+              "mean_accepted_length", "accepted_hist", "lookup_share", "lookup_acceptance_rate", "tokens_per_second", "speedup", "greedy_mismatches",
               "mismatches_per_1000_tokens", "cost_model",
               "per_category"}, ...]}
 """
@@ -59,10 +59,11 @@ def print_tables(report: BenchReport, console=None) -> None:
     table = Table(title=f"balspec bench: {meta['model']} on {meta['device']}, {meta['dtype']}, "
                         f"{meta['prompts']['count']} prompts ({meta['prompts']['source']}), "
                         f"<= {meta['max_new_tokens']} new tokens, temperature {meta['temperature']}")
-    for name in ("mode", "exit", "k", "w", "accept", "tau", "hist (cycles by accepted 0..k)", "tok/s", "speedup",
-                 "bound", "eff", "accept for 1.5x", "mismatch"):
+    for name in ("mode", "exit", "k", "w", "accept", "lookup (cycles, accept)", "tau", "hist (cycles by accepted 0..k)",
+                 "tok/s", "speedup", "bound", "eff", "accept for 1.5x", "mismatch"):
         table.add_column(name, justify="left" if name.startswith(("mode", "hist")) else "right")
-    table.add_row("full (baseline)", "", "", "", "", "", "", f"{base.tokens_per_second:.1f}", "1.00x", "", "", "", "")
+    table.add_row("full (baseline)", "", "", "", "", "", "", "", f"{base.tokens_per_second:.1f}", "1.00x", "", "", "",
+                  "")
     for r in report.results:
         s, c = r.summary, r.cost_model
         mismatch = "" if s.greedy_mismatches is None else str(s.greedy_mismatches)
@@ -71,7 +72,7 @@ def print_tables(report: BenchReport, console=None) -> None:
         width = _text(r.setting.draft_width) if r.setting.mode == "speculative" else ""
         name = r.setting.name + (f" +lookup{r.setting.lookup_len}" if r.setting.lookup_len else "")
         table.add_row(name, _text(r.setting.exit), _text(r.setting.draft_len), width,
-                      _num(s.acceptance_rate, "{:.2f}"), _num(s.mean_accepted_length, "{:.2f}"),
+                      _num(s.acceptance_rate, "{:.2f}"), _lookup(s), _num(s.mean_accepted_length, "{:.2f}"),
                       _hist(s.accepted_hist), f"{s.tokens_per_second:.1f}", _num(s.speedup, "{:.2f}x"),
                       _num(c.bound if c else None, "{:.2f}x"), _num(c.efficiency if c else None, "{:.0%}"),
                       _needed(c), mismatch)
@@ -86,6 +87,12 @@ def print_tables(report: BenchReport, console=None) -> None:
         for r in report.results:
             by_cat.add_row(label(r.setting), *(_cell(r.per_category.get(c)) for c in categories))
         console.print(by_cat)
+
+
+def _lookup(s) -> str:
+    if s.lookup_share is None:
+        return ""
+    return f"{s.lookup_share:.0%}, {s.lookup_acceptance_rate:.2f}"
 
 
 def plot(report: BenchReport, path: str | Path) -> None:

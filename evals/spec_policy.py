@@ -1,0 +1,292 @@
+"""Which drafts pay, priced by the engine's own measured cycle costs and replayed on the full model's answers:
+speculation policies (the exit's drafts, the context's lookup drafts, both, or neither per cycle) compared
+without generating once per policy, so that they can be tuned on held-out instructions rather than on the
+bench's prompts. `balspec bench` then measures the chosen ones for real.
+
+    python evals/spec_policy.py --data data/self4/eval.jsonl --num 120 \
+        --output evals/results/spec_policy_heldout_avx2_cpu.json
+    python evals/spec_policy.py --prompts ../shared/data/spec_bench_questions.jsonl --num 12
+
+How: greedy speculation emits exactly the full model's greedy answer, so a cycle's outcome is fixed by the
+answer: an exit draft chain is accepted as far as the exit's first choices (teacher-forced on the answer so
+far) equal the answer's next tokens, and a lookup draft as far as it equals them. --data replays stored greedy
+answers (one teacher-forced pass each); --prompts generates them with `full` first. Each kind of cycle is timed
+on the engine (median of --repeats calls, after warm-up, at a mid-answer position); a policy's predicted time is
+the sum of its cycles' costs, and its predicted speedup the full step's time per token over its own. Not
+priced: the decode loop's own bookkeeping per cycle, the same for every policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import balspec
+from balspec.engine.lookup import NgramLookup
+from balspec.engine.sampling import Sampling
+from balspec.engine.speculative import sync_device
+from balspec.measure.prompts import load_prompts
+from balspec.models import device_name
+
+SIZES = tuple(range(8, 0, -1))  # n-gram sizes the simulator indexes, so that a policy may choose by match length
+MAX_ROWS = 10  # lookup verifies are timed for 2..MAX_ROWS rows
+
+
+@dataclass
+class Answer:
+    """One answer replayed: the prompt's ids, the answer's ids, and per answer row i (predicting answer[i + 1]
+    from the pending token answer[i]) whether the exit's first choice is right and how sure it was."""
+
+    prompt: list[int]
+    answer: list[int]
+    exit_right: list[bool]  # [A - 1]
+    exit_top: list[float]  # [A - 1] the exit's top probability (softmax at temperature 1)
+
+
+def answers_from_data(bm, path: str, num: int, max_new: int) -> list[tuple[list[int], list[int]]]:
+    out = []
+    for line in Path(path).read_text().splitlines()[:num]:
+        messages = json.loads(line)["messages"]
+        ids = bm.encode(messages[0]["content"])
+        answer = bm.tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"][:max_new]
+        out.append((ids, answer))
+    return out
+
+
+def answers_from_prompts(bm, path: str | None, num: int, max_new: int) -> list[tuple[list[int], list[int]]]:
+    out = []
+    for prompt in load_prompts(path, num).prompts:
+        ids = bm.encode(prompt.text)
+        out.append((ids, bm.generate(ids, mode="full", max_new_tokens=max_new).token_ids))
+    return out
+
+
+@torch.inference_mode()
+def replay(bm, pairs, exit_layer: int) -> list[Answer]:
+    """One teacher-forced pass over prompt + answer: the exit's first choice and top probability per answer row.
+    Rows whose argmax disagrees with the stored answer (re-tokenised text) count as they are: a rare mismatch."""
+    engine = bm.engine
+    out = []
+    for ids, answer in pairs:
+        seq = torch.tensor([ids + answer], device=engine.device)
+        engine.reset(seq.shape[1])
+        normed = engine.run_balcony(exit_layer, engine.run_layers(engine.embed(seq), 0, exit_layer, 0), 0)
+        rows = normed[0, len(ids):seq.shape[1] - 1]  # rows predicting answer[1:]
+        logits = torch.stack([engine.draft_logits(row[None, None]) for row in rows])  # [A - 1, draft vocab]
+        top = logits.float().softmax(-1).max(-1)
+        choice = top.indices if engine.draft_vocab is None else engine.draft_vocab[top.indices]
+        right = (choice == seq[0, len(ids) + 1:]).tolist()
+        out.append(Answer(ids, answer, right, top.values.tolist()))
+    return out
+
+
+@torch.inference_mode()
+def cycle_costs(bm, ids: list[int], exit_layer: int, repeats: int) -> dict:
+    """Median seconds of each kind of cycle, on the engine, at the end of `ids` (the pending token its last):
+    full (a full step), full_balcony (a full step that also runs the exit's balcony, keeping its K/V),
+    exit_k (a draft-verify cycle of k exit drafts), lookup_r (a lookup cycle of r rows: r - 1 drafts; the balcony
+    filled for them) and verify_r (the full model over r rows alone, for policies that never draft with the exit)."""
+    engine = bm.engine
+    start = len(ids) - 1
+    engine.reset(len(ids) + 2 * MAX_ROWS)
+    prompt = torch.tensor([ids[:-1]], device=engine.device)
+    engine.prefill(prompt, "speculative", exit_layer)
+    token = torch.tensor([[ids[-1]]], device=engine.device)
+    everything = list(range(len(engine.cache.lengths)))
+    others = ids[-MAX_ROWS:]  # stand-in drafts: real tokens, mostly rejected
+
+    def full():
+        engine.step(token, start, "full", None).argmax(-1).tolist()
+
+    def full_balcony():
+        h = engine.run_layers(engine.embed(token), 0, exit_layer, start)
+        engine.run_balcony(exit_layer, h, start)
+        engine.full_logits(engine.run_layers(h, exit_layer, engine.num_layers, start)).argmax(-1).tolist()
+
+    def exit_cycle(k):
+        return lambda: engine.cycle(token, start, exit_layer, k, Sampling(), None)
+
+    def lookup(r):
+        return lambda: engine.lookup_cycle(token, start, exit_layer, others[:r - 1], Sampling(), None)
+
+    def verify(r):
+        rows = torch.tensor([[ids[-1]] + others[:r - 1]], device=engine.device)
+        tree = engine.draft_tree(r - 1, 1)
+        return lambda: engine.full_logits(engine.run_layers(engine.embed(rows), 0, engine.num_layers, start,
+                                                            tree)).argmax(-1).tolist()
+
+    kinds = {"full": full, "full_balcony": full_balcony, **{f"exit_{k}": exit_cycle(k) for k in (1, 2, 3)},
+             **{f"lookup_{r}": lookup(r) for r in range(2, MAX_ROWS + 1)},
+             **{f"verify_{r}": verify(r) for r in range(2, MAX_ROWS + 1)}}
+    times = {name: [] for name in kinds}
+    for _ in range(repeats + 2):  # interleaved, so that a slow spell of the machine touches every kind alike
+        for name, fn in kinds.items():
+            sync_device(engine.device)
+            t0 = time.perf_counter()
+            fn()
+            sync_device(engine.device)
+            times[name].append(time.perf_counter() - t0)
+            engine.cache.rollback(everything, start)
+    return {name: sorted(t[2:])[len(t[2:]) // 2] for name, t in times.items()}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """lengths: the lookup length by match size (n-gram size -> tokens; sizes tried longest first, a size
+    missing is not tried); k: exit drafts when there is no lookup (0: a full step); gate: draft with the exit
+    only while its acceptance over its last `window` cycles is at least this (else a full step that keeps the
+    balcony's K/V; one probe draft every `probe` such steps); extend: an exit draft chain is followed, in the same
+    verify, by up to this many tokens read from the context after it."""
+
+    name: str
+    lengths: tuple[tuple[int, int], ...] = ()
+    k: int = 1
+    gate: float = 0.0
+    window: int = 8
+    probe: int = 8
+    extend: int = 0
+
+
+def simulate(policy: Policy, answers: list[Answer], cost: dict) -> dict:
+    """Predicted seconds and cycles of `policy` over the answers, and the full model's seconds for them."""
+    seconds = baseline = 0.0
+    cycles = tokens = lookup_cycles = lookup_tokens = exit_cycles = 0
+    sizes = tuple(n for n, _ in policy.lengths)
+    length = dict(policy.lengths)
+    uses_exit = policy.k > 0
+    for a in answers:
+        index = NgramLookup(a.prompt + a.answer[:1], SIZES)
+        i, A = 0, len(a.answer)  # i: the pending token's row in the answer; answer[i + 1:] still to emit
+        history: list[bool] = []  # exit acceptance of its recent cycles (gate)
+        skipped = 0
+        while i < A - 1:
+            left = A - 1 - i
+            n, where = index.match(sizes) if sizes else (0, -1)
+            proposal = index.tokens[where:where + min(length.get(n, 0), left - 1)] if n else []
+            if proposal:
+                emitted = _prefix(proposal, a.answer[i + 1:]) + 1
+                rows = len(proposal) + 1
+                seconds += cost[f"lookup_{rows}" if uses_exit else f"verify_{rows}"]
+                lookup_cycles += 1
+                lookup_tokens += emitted - 1
+            elif not uses_exit:
+                emitted, seconds = 1, seconds + cost["full"]
+            else:
+                recent = history[-policy.window:]
+                gated = policy.gate > 0 and len(recent) == policy.window and \
+                    sum(recent) / len(recent) < policy.gate and skipped < policy.probe
+                if gated:
+                    emitted, skipped = 1, skipped + 1
+                    seconds += cost["full_balcony"]
+                else:
+                    skipped = 0
+                    k = min(policy.k, left - 1)
+                    n_acc = 0
+                    while n_acc < k and a.exit_right[i + n_acc]:
+                        n_acc += 1
+                    history.append(n_acc > 0)
+                    emitted = n_acc + 1
+                    seconds += cost[f"exit_{max(k, 1)}"]
+                    exit_cycles += 1
+                    if policy.extend and k > 0:  # read on after the chain (the drafts: right or not, priced alike)
+                        m, w = index.match(sizes, a.answer[i + 1:i + 1 + k])
+                        more = index.tokens[w:w + min(policy.extend, left - 1 - k)] if m else []
+                        if more:
+                            seconds += cost[f"verify_{k + 1 + len(more)}"] - cost[f"verify_{k + 1}"]
+                            if n_acc == k:
+                                emitted += _prefix(more, a.answer[i + 1 + k:])
+            index.extend(a.answer[i + 1:i + 1 + emitted])
+            i += emitted
+            cycles += 1
+            tokens += emitted
+        baseline += (A - 1) * cost["full"]
+    return {"policy": policy.name, "speedup": baseline / seconds, "tokens_per_cycle": tokens / cycles,
+            "lookup_cycles": lookup_cycles, "lookup_tokens_per_cycle": lookup_tokens / max(lookup_cycles, 1),
+            "exit_cycles": exit_cycles, "cycles": cycles}
+
+
+def _prefix(drafts: list[int], truth: list[int]) -> int:
+    n = 0
+    while n < len(drafts) and n < len(truth) and drafts[n] == truth[n]:
+        n += 1
+    return n
+
+
+def policies() -> list[Policy]:
+    """The grid: the shipped policy, the exit alone, lookup alone, and lookup by match size with each fallback."""
+    shipped = ((4, 4), (3, 4), (2, 4))
+    by_size = {
+        "4,3,2:4": shipped,
+        "4,3:4": ((4, 4), (3, 4)),
+        "4:4": ((4, 4),),
+        "8..2:4": tuple((n, 4) for n in range(8, 1, -1)),
+        "4,3,2:6": ((4, 6), (3, 6), (2, 6)),
+        "4,3,2:8": ((4, 8), (3, 8), (2, 8)),
+        "4,3,2:3": ((4, 3), (3, 3), (2, 3)),
+        "4,3,2:2": ((4, 2), (3, 2), (2, 2)),
+        "4:6,3:4,2:2": ((4, 6), (3, 4), (2, 2)),
+        "8..5:8,4:6,3:4,2:2": (*((n, 8) for n in range(8, 4, -1)), (4, 6), (3, 4), (2, 2)),
+        "8..5:8,4:6,3:4": (*((n, 8) for n in range(8, 4, -1)), (4, 6), (3, 4)),
+        "8..5:8,4:4,3:3,2:2": (*((n, 8) for n in range(8, 4, -1)), (4, 4), (3, 3), (2, 2)),
+        "8..4:8,3:4,2:2": (*((n, 8) for n in range(8, 3, -1)), (3, 4), (2, 2)),
+        "8..5:6,4:4,3:3,2:2": (*((n, 6) for n in range(8, 4, -1)), (4, 4), (3, 3), (2, 2)),
+        "8..5:6,4:4,3:3": (*((n, 6) for n in range(8, 4, -1)), (4, 4), (3, 3)),
+        "8..5:4,4:3,3:3,2:2": (*((n, 4) for n in range(8, 4, -1)), (4, 3), (3, 3), (2, 2)),
+        "8..5:8,4:4,3:3,2:1": (*((n, 8) for n in range(8, 4, -1)), (4, 4), (3, 3), (2, 1)),
+    }
+    out = [Policy("full", k=0)] + [Policy(f"exit k={k}", k=k) for k in (1, 2, 3)]
+    for name, lengths in by_size.items():
+        out.append(Policy(f"lookup {name}, else full", lengths, k=0))
+        out.append(Policy(f"lookup {name}, else exit k=1", lengths, k=1))
+    for name in ("4,3,2:4", "8..5:8,4:6,3:4,2:2", "8..5:6,4:4,3:3,2:2"):
+        lengths = by_size[name]
+        for gate in (0.2, 0.3, 0.4):
+            out.append(Policy(f"lookup {name}, else exit k=1 gated {gate}", lengths, k=1, gate=gate))
+        for extend in (2, 4):
+            out.append(Policy(f"lookup {name}, else exit k=1 + {extend} read on", lengths, k=1, extend=extend))
+            out.append(Policy(f"lookup {name}, else exit k=2 + {extend} read on", lengths, k=2, extend=extend))
+        out.append(Policy(f"lookup {name}, else exit k=2", lengths, k=2))
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", help="JSONL of {messages: [user, assistant]}: the model's stored greedy answers")
+    source.add_argument("--prompts", help="prompt file whose greedy answers are generated first (default: built-in)")
+    parser.add_argument("--num", type=int, default=120, help="answers to replay")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--exit", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per kind of cycle")
+    parser.add_argument("--output", help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    bm = balspec.load()
+    pairs = answers_from_data(bm, args.data, args.num, args.max_new_tokens) if args.data else \
+        answers_from_prompts(bm, args.prompts, args.num, args.max_new_tokens)
+    answers = replay(bm, pairs, args.exit)
+    ids, answer = pairs[0]
+    cost = cycle_costs(bm, ids + answer[:len(answer) // 2], args.exit, args.repeats)
+    print("cycle costs (x full step): " + "  ".join(f"{k} {v / cost['full']:.2f}" for k, v in cost.items()))
+    rows = sorted((simulate(p, answers, cost) for p in policies()), key=lambda r: -r["speedup"])
+    for r in rows:
+        print(f"{r['speedup']:5.2f}x  {r['tokens_per_cycle']:.2f} tok/cycle  lookup {r['lookup_cycles']:5d} cycles "
+              f"({r['lookup_tokens_per_cycle']:.2f} accepted)  exit {r['exit_cycles']:5d}  {r['policy']}")
+    positions = sum(len(a.answer) - 1 for a in answers)
+    exit_top1 = sum(sum(a.exit_right) for a in answers) / positions
+    print(f"{len(answers)} answers, {positions} positions, exit {args.exit} top-1 {exit_top1:.3f}", file=sys.stderr)
+    if args.output:
+        doc = {"command": shlex.join(["python", *sys.argv]), "device": device_name(bm.device),
+               "answers": len(answers), "positions": positions, "exit": args.exit, "exit_top1": exit_top1,
+               "cycle_costs_s": cost, "policies": rows}
+        Path(args.output).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
