@@ -94,10 +94,14 @@ def print_generation_stats(stats, baseline=None, identical: bool | None = None) 
     err = Console(stderr=True, highlight=False)
     parts = [f"{stats.mode}" + (f" exit {stats.exit}" if stats.exit is not None else "")
              + (f" draft-len {stats.draft_len}" if stats.draft_len is not None else "")
-             + (f" width {stats.draft_width}" if (stats.draft_width or 1) > 1 else ""),
+             + (f" width {stats.draft_width}" if (stats.draft_width or 1) > 1 else "")
+             + (f" lookup-len {stats.lookup_len}" if stats.lookup_len else ""),
              f"{stats.new_tokens} tokens in {stats.seconds:.2f} s = {stats.tokens_per_second:.1f} tok/s"]
     if stats.acceptance_rate is not None:
         parts.append(f"acceptance {stats.acceptance_rate:.1%}, {stats.mean_accepted_length:.2f} tokens/cycle")
+    if stats.lookup_len:
+        parts.append(f"{stats.lookup_cycles} of {stats.cycles} cycles verified looked-up drafts"
+                     + (f" (acceptance {stats.lookup_acceptance_rate:.1%})" if stats.lookup_drafted else ""))
     if baseline is not None:
         parts.append(f"full mode {baseline.tokens_per_second:.1f} tok/s, "
                      f"speedup {stats.tokens_per_second / baseline.tokens_per_second:.2f}x, "

@@ -5,7 +5,8 @@ bench's prompts. `balspec bench` then measures the chosen ones for real.
 
     python evals/spec_policy.py --data data/self4/eval.jsonl --num 120 \
         --output evals/results/spec_policy_heldout_avx2_cpu.json
-    python evals/spec_policy.py --prompts ../shared/data/spec_bench_questions.jsonl --num 12
+    python evals/spec_policy.py --prompts ../shared/data/spec_bench_questions.jsonl --skip 3 --num 26 \
+        --output evals/results/spec_policy_specbench_other_avx2_cpu.json
 
 How: greedy speculation emits exactly the full model's greedy answer, so a cycle's outcome is fixed by the
 answer: an exit draft chain is accepted as far as the exit's first choices (teacher-forced on the answer so
@@ -32,7 +33,7 @@ import balspec
 from balspec.engine.lookup import NgramLookup
 from balspec.engine.sampling import Sampling
 from balspec.engine.speculative import sync_device
-from balspec.measure.prompts import load_prompts
+from balspec.measure.prompts import load_prompts, spread
 from balspec.models import device_name
 
 SIZES = tuple(range(8, 0, -1))  # n-gram sizes the simulator indexes, so that a policy may choose by match length
@@ -60,9 +61,18 @@ def answers_from_data(bm, path: str, num: int, max_new: int) -> list[tuple[list[
     return out
 
 
-def answers_from_prompts(bm, path: str | None, num: int, max_new: int) -> list[tuple[list[int], list[int]]]:
+def answers_from_prompts(bm, path: str | None, num: int, max_new: int,
+                         skip: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Greedy answers to `num` prompts spread over categories, after the first `skip` of each category (those
+    `balspec bench --num-prompts` takes first), generated with `full`."""
+    rank: dict[str, int] = {}
+    kept = []
+    for prompt in load_prompts(path).prompts:
+        rank[prompt.category] = rank.get(prompt.category, 0) + 1
+        if rank[prompt.category] > skip:
+            kept.append(prompt)
     out = []
-    for prompt in load_prompts(path, num).prompts:
+    for prompt in spread(kept, num):
         ids = bm.encode(prompt.text)
         out.append((ids, bm.generate(ids, mode="full", max_new_tokens=max_new).token_ids))
     return out
@@ -262,6 +272,8 @@ def main(argv=None) -> None:
     source.add_argument("--data", help="JSONL of {messages: [user, assistant]}: the model's stored greedy answers")
     source.add_argument("--prompts", help="prompt file whose greedy answers are generated first (default: built-in)")
     parser.add_argument("--num", type=int, default=120, help="answers to replay")
+    parser.add_argument("--skip", type=int, default=0,
+                        help="--prompts: leave out the first SKIP prompts of each category (the bench's own)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--exit", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per kind of cycle")
@@ -269,7 +281,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     bm = balspec.load()
     pairs = answers_from_data(bm, args.data, args.num, args.max_new_tokens) if args.data else \
-        answers_from_prompts(bm, args.prompts, args.num, args.max_new_tokens)
+        answers_from_prompts(bm, args.prompts, args.num, args.max_new_tokens, args.skip)
     answers = replay(bm, pairs, args.exit)
     ids, answer = pairs[0]
     cost = cycle_costs(bm, ids + answer[:len(answer) // 2], args.exit, args.repeats)

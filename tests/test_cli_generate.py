@@ -61,6 +61,14 @@ def test_generate_streams_text_and_reports_stats_on_stderr(exits_dir, capsys, mo
     assert "tok/s" in err and "tok/s" not in out
 
 
+def test_generate_reports_its_lookup_cycles(exits_dir, capsys, monkeypatch):
+    code, _, err = run_cli(["generate", "one two three one two three one two", "--mode", "speculative", "--exit", "4",
+                            "--lookup-len", "3", "--compare", *base_args(exits_dir)], capsys, monkeypatch)
+    assert code in (0, None)
+    line = " ".join(err.split())  # rich may wrap the line
+    assert "lookup-len 3" in line and "cycles verified looked-up drafts" in line and "identical output" in line
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--mode", "speculative", "--exit", "3"], "exit 3 is not in the loaded checkpoint"),
     (["--mode", "speculative", "--exit", "4", "--draft-len", "0"], "--draft-len must lie in 1..64"),

@@ -55,17 +55,18 @@ def test_shipped_exits_load_and_are_exact():
     assert bm.engine.draft_vocab is not None and bm.meta["draft_vocab"]["size"] == len(bm.engine.draft_vocab)
     for prompt in PROMPTS:
         full = bm.generate(prompt, mode="full", max_new_tokens=32)
-        assert bm.generate(prompt, max_new_tokens=32).token_ids == full.token_ids  # the shipped defaults
+        shipped = bm.generate(prompt, max_new_tokens=32)  # the shipped defaults: speculative, prompt lookup
+        assert shipped.token_ids == full.token_ids and shipped.stats.mode == "speculative"
         for exit_layer, draft_len, width in ((8, 1, 1), (8, "auto", 3), (16, "auto", 1), (24, 3, 2)):
             spec = bm.generate(prompt, mode="speculative", exit=exit_layer, draft_len=draft_len, draft_width=width,
                                max_new_tokens=32)
             assert spec.token_ids == full.token_ids, (exit_layer, draft_len, width)
         assert spec.stats.acceptance_rate > 0
-        for lookup_len, draft_len in ((4, 1), (6, "auto")):  # the shipped default's prompt lookup, and a longer one
+        for lookup_len, draft_len in ((3, 1), (6, "auto")):  # the shipped default's prompt lookup, and a longer one
             spec = bm.generate(prompt, mode="speculative", exit=8, draft_len=draft_len, lookup_len=lookup_len,
                                max_new_tokens=64, eos=False)
             assert spec.token_ids == bm.generate(prompt, mode="full", max_new_tokens=64, eos=False).token_ids
-    assert bm.defaults["lookup_len"] == 4 and bm.defaults["exit"] == 8
+    assert (bm.defaults["mode"], bm.defaults["exit"], bm.defaults["lookup_len"]) == ("speculative", 8, 3)
     assert 2 in bm.exit_modules.draft_vocab.tolist()  # <|im_end|>, the EOS: stored in the shipped file
 
 

@@ -1,0 +1,46 @@
+"""evals/spec_policy.py: the replay of greedy answers under draft policies (no model: hand-made answers and
+costs), so its predicted tokens per cycle follow the engine's rules."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("spec_policy", ROOT / "evals" / "spec_policy.py")
+sp = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = sp  # dataclasses look their module up while the file runs
+spec.loader.exec_module(sp)
+
+COSTS = {"full": 1.0, "full_balcony": 1.0, **{f"exit_{k}": 1.0 for k in (1, 2, 3)},
+         **{f"lookup_{r}": 1.0 for r in range(2, sp.MAX_ROWS + 1)}, **{f"verify_{r}": 1.0 for r in range(2, sp.MAX_ROWS + 1)}}
+
+
+def answer(exit_right):
+    # the prompt ends with 1 2 3 4 5; the answer repeats it and goes on: 1 2 3 4 5 6
+    return sp.Answer(prompt=[9, 1, 2, 3, 4, 5], answer=[1, 2, 3, 4, 5, 6], exit_right=exit_right,
+                     exit_top=[0.9] * 5)
+
+
+def test_a_lookup_verifies_what_followed_and_keeps_a_bonus_token():
+    # after the pending "1": the 1-gram "1" followed by 2 3 4 5 in the prompt; 4 accepted, the bonus is 6
+    out = sp.simulate(sp.Policy("lookup", ((1, 4),), k=0), [answer([False] * 5)], COSTS)
+    assert (out["cycles"], out["tokens_per_cycle"], out["lookup_cycles"]) == (1, 5.0, 1)
+    assert out["speedup"] == 5.0  # 5 tokens for the price of one full step
+    # a proposal is cut so that the output's last token is always a verify's own (bonus) token
+    out = sp.simulate(sp.Policy("lookup", ((1, 8),), k=0), [answer([False] * 5)], COSTS)
+    assert out["tokens_per_cycle"] == 5.0
+
+
+def test_exit_chains_accept_the_exits_right_prefix():
+    # k=2: rows 0, 1 right -> 3 tokens; then room for one draft: row 3 wrong -> 1 token; then the last token
+    out = sp.simulate(sp.Policy("exit", k=2), [answer([True, True, True, False, True])], COSTS)
+    assert out["cycles"] == 3 and out["exit_cycles"] == 3 and out["tokens_per_cycle"] == 5 / 3
+    costs = {**COSTS, "exit_2": 1.5}
+    assert sp.simulate(sp.Policy("exit", k=2), [answer([True, True, True, False, True])], costs)["speedup"] == \
+        5 / (1.5 + 1.0 + 1.0)  # the last two cycles have room for one draft at most: priced as exit_1
+
+
+def test_a_gated_exit_steps_alone_while_its_drafts_are_rejected():
+    policy = sp.Policy("gated", k=1, gate=0.5, window=1, probe=8)
+    out = sp.simulate(policy, [answer([False] * 5)], COSTS)
+    assert out["exit_cycles"] == 1 and out["cycles"] == 5  # one rejected draft, then full steps
