@@ -3,9 +3,9 @@ speculation policies (the exit's drafts, the context's lookup drafts, both, or n
 without generating once per policy, so that they can be tuned on held-out instructions rather than on the
 bench's prompts. `balspec bench` then measures the chosen ones for real.
 
-    python evals/spec_policy.py --data data/self4/eval.jsonl --num 120 \
+    python evals/spec_policy.py --data data/self4/eval.jsonl --num 320 --repeats 11 \
         --output evals/results/spec_policy_heldout_avx2_cpu.json
-    python evals/spec_policy.py --prompts ../shared/data/spec_bench_questions.jsonl --skip 3 --num 26 \
+    python evals/spec_policy.py --prompts ../shared/data/spec_bench_questions.jsonl --skip 3 --num 26 --repeats 11 \
         --output evals/results/spec_policy_specbench_other_avx2_cpu.json
 
 How: greedy speculation emits exactly the full model's greedy answer, so a cycle's outcome is fixed by the
@@ -83,6 +83,8 @@ def replay(bm, pairs, exit_layer: int) -> list[Answer]:
     """One teacher-forced pass over prompt + answer: the exit's first choice and top probability per answer row.
     Rows whose argmax disagrees with the stored answer (re-tokenised text) count as they are: a rare mismatch."""
     engine = bm.engine
+    if engine.is_draft_kind(exit_layer):
+        raise SystemExit(f"exit {exit_layer} is a draft-kind exit: the replay scores sub-model exits only")
     out = []
     for ids, answer in pairs:
         seq = torch.tensor([ids + answer], device=engine.device)
@@ -153,7 +155,8 @@ class Policy:
     missing is not tried); k: exit drafts when there is no lookup (0: a full step); gate: draft with the exit
     only while its acceptance over its last `window` cycles is at least this (else a full step that keeps the
     balcony's K/V; one probe draft every `probe` such steps); extend: an exit draft chain is followed, in the same
-    verify, by up to this many tokens read from the context after it."""
+    verify, by up to this many tokens read from the context after it (matched on the answer's tokens, so where
+    a draft is wrong whether read-on rows were added at all is a guess; they are priced either way)."""
 
     name: str
     lengths: tuple[tuple[int, int], ...] = ()
@@ -195,6 +198,8 @@ def simulate(policy: Policy, answers: list[Answer], cost: dict) -> dict:
                 if gated:
                     emitted, skipped = 1, skipped + 1
                     seconds += cost["full_balcony"]
+                elif left == 1:  # room for the bonus token only: the engine's k=0 cycle, a step with the balcony
+                    emitted, seconds = 1, seconds + cost["full_balcony"]
                 else:
                     skipped = 0
                     k = min(policy.k, left - 1)
@@ -203,9 +208,9 @@ def simulate(policy: Policy, answers: list[Answer], cost: dict) -> dict:
                         n_acc += 1
                     history.append(n_acc > 0)
                     emitted = n_acc + 1
-                    seconds += cost[f"exit_{max(k, 1)}"]
+                    seconds += cost[f"exit_{k}"]
                     exit_cycles += 1
-                    if policy.extend and k > 0:  # read on after the chain (the drafts: right or not, priced alike)
+                    if policy.extend:  # read on after the chain (the drafts: right or not, priced alike)
                         m, w = index.match(sizes, a.answer[i + 1:i + 1 + k])
                         more = index.tokens[w:w + min(policy.extend, left - 1 - k)] if m else []
                         if more:

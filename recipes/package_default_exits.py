@@ -52,7 +52,9 @@ def choose_defaults(benches: list[dict]) -> dict:
     are pooled, each setting's tokens and seconds against the baseline's in the runs that ran it, so repeating a
     run narrows the estimate instead of lowering it to its unluckiest draw (the 2-core CPU's run-to-run noise is
     5-10%); a setting is scored by its worst pooled speedup over the prompt sets, and counts only where it ran
-    on every set with 0 greedy mismatches."""
+    on every set with 0 greedy mismatches. Runs of one source at different --num-prompts pool too: bench takes
+    the first N prompts round-robin over categories, so a smaller run's prompts are the first of a larger
+    run's, and weigh more in the pool."""
     sets = list(dict.fromkeys(_prompt_set(b) for b in benches))
     pooled: dict[tuple, dict[str, list[float]]] = {}  # setting -> prompt set -> [tokens, s, base tokens, base s]
     mismatched = set()

@@ -12,9 +12,10 @@ from balspec.checkpoint import save_exits
 from balspec.errors import BalspecError
 from balspec.exits import attach_exits
 from balspec.generate import BalconyModel
-from balspec.measure.bench import BenchOptions, acceptance_needed, parse_draft_lens, parse_peers, run_bench
+from balspec.measure.bench import (BenchOptions, Run, acceptance_needed, parse_draft_lens, parse_peers, run_bench,
+                                   summarize)
 from balspec.measure.prompts import Prompt, PromptSet
-from balspec.measure.report import plot, report_dict, require_matplotlib, to_json
+from balspec.measure.report import _lookup, plot, report_dict, require_matplotlib, to_json
 from balspec.models import load_model
 from balspec.tiny import tiny_model, tiny_tokenizer
 
@@ -67,6 +68,19 @@ def test_speculative_is_exact_and_counts_add_up(report):
     by_key = {(r.setting.exit, r.setting.draft_len): r.summary for r in spec}
     assert by_key[5, 2].acceptance_rate == 1.0
     assert by_key[3, 2].acceptance_rate < 1.0
+
+
+def test_lookup_share_and_acceptance_pool_over_prompts():
+    """Two prompts: 3 of 4 and 1 of 6 cycles verified looked-up drafts (2 of 5 and 1 of 2 accepted): the share is
+    4 of 10 cycles and the acceptance 3 of 7 drafts, totals over prompts, not a mean of per-prompt ratios."""
+    p = PROMPTS.prompts[0]
+    runs = [Run(p, [1] * 8, 1.0, 6, 3, [1, 0, 1, 1], 8, lookup_cycles=3, lookup_drafted=5, lookup_accepted=2),
+            Run(p, [1] * 9, 1.0, 7, 3, [0, 1, 0, 1, 1, 0], 9, lookup_cycles=1, lookup_drafted=2, lookup_accepted=1)]
+    s = summarize(runs)
+    assert s.lookup_share == 4 / 10 and s.lookup_acceptance_rate == 3 / 7
+    assert _lookup(s) == "40%, 0.43"
+    plain = summarize([Run(p, [1] * 8, 1.0, 4, 3, [1, 0, 1, 1], 8)])
+    assert plain.lookup_share is None and plain.lookup_acceptance_rate is None and _lookup(plain) == ""
 
 
 def test_early_exit_and_peers(report):

@@ -1,6 +1,7 @@
 """`balspec generate` end to end on tiny-random: streaming, --json, and one-line errors for bad input."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -66,7 +67,9 @@ def test_generate_reports_its_lookup_cycles(exits_dir, capsys, monkeypatch):
                             "--lookup-len", "3", "--compare", *base_args(exits_dir)], capsys, monkeypatch)
     assert code in (0, None)
     line = " ".join(err.split())  # rich may wrap the line
-    assert "lookup-len 3" in line and "cycles verified looked-up drafts" in line and "identical output" in line
+    assert "lookup-len 3" in line and "identical output" in line
+    found = re.search(r"(\d+) of (\d+) cycles verified looked-up drafts", line)
+    assert found and 0 < int(found.group(1)) <= int(found.group(2))  # the tiny model's greedy text repeats
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -85,33 +85,40 @@ def test_greedy_with_lookup_cycles_equals_full(monkeypatch, static_cache):
 
 
 def test_lookup_counts_are_kept_apart_from_the_exits(monkeypatch):
-    """Stats split the looked-up drafts from the exit's: a script that proposes the full model's own next
-    tokens on every other cycle and a wrong first token on the others gives lookup acceptance exactly
-    (right drafts) / (all looked-up drafts), and nothing drafted by the exit."""
+    """Stats split the looked-up drafts from the exit's. A script cycles through: nothing (the exit drafts), the
+    full model's own next tokens (all accepted), a wrong first token (none accepted); the lookup counts must
+    be exactly those of the scripted proposals, and the rest of drafted/accepted the exit's."""
     from balspec import generate as generate_module
 
     bm = make_bm()
     prompt = list(range(30, 41))
     full = bm.generate(prompt, mode="full", max_new_tokens=30, eos=False).token_ids
-    proposed = []
+    proposed = {"right": [], "wrong": []}
+    calls = []
 
     def propose(lookup, count):
         done = len(lookup.tokens) - len(prompt)
         proposal = list(full[done:done + min(count, 2)])
-        if len(proposed) % 2 and proposal:
+        kind = ("none", "right", "wrong")[len(calls) % 3]
+        calls.append(kind)
+        if kind == "none" or not proposal:
+            return []
+        if kind == "wrong":
             proposal[0] = (proposal[0] + 1) % 200 + 3  # never the full model's token: rejected at once
-        proposed.append(proposal)
+        proposed[kind].append(proposal)
         return proposal
 
     monkeypatch.setattr(generate_module.NgramLookup, "propose", propose)
     out = bm.generate(prompt, mode="speculative", exit=3, draft_len=1, lookup_len=2, max_new_tokens=30, eos=False)
     s = out.stats
     assert out.token_ids == full
-    # every cycle a lookup cycle but the last, whose budget of one token leaves nothing to draft
-    assert s.lookup_cycles == s.cycles - 1 and s.lookup_drafted == s.drafted and s.lookup_accepted == s.accepted
-    right = sum(len(p) for i, p in enumerate(proposed) if i % 2 == 0)
-    assert s.lookup_accepted <= right < s.lookup_drafted  # the last proposal may run past the end of the output
-    assert s.lookup_acceptance_rate == s.lookup_accepted / s.lookup_drafted and 0.3 < s.lookup_acceptance_rate < 0.7
+    lookups = proposed["right"] + proposed["wrong"]
+    assert s.lookup_cycles == len(lookups) and 0 < s.lookup_cycles < s.cycles
+    assert s.lookup_drafted == sum(map(len, lookups)) and s.lookup_accepted == sum(map(len, proposed["right"]))
+    exit_cycles = s.cycles - s.lookup_cycles
+    assert s.drafted - s.lookup_drafted in (exit_cycles, exit_cycles - 1)  # k=1 each; the last may have no room
+    assert 0 <= s.accepted - s.lookup_accepted <= s.drafted - s.lookup_drafted
+    assert s.lookup_acceptance_rate == s.lookup_accepted / s.lookup_drafted
     assert out.to_dict()["stats"]["lookup_acceptance_rate"] == s.lookup_acceptance_rate
 
 

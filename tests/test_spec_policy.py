@@ -26,18 +26,25 @@ def test_a_lookup_verifies_what_followed_and_keeps_a_bonus_token():
     out = sp.simulate(sp.Policy("lookup", ((1, 4),), k=0), [answer([False] * 5)], COSTS)
     assert (out["cycles"], out["tokens_per_cycle"], out["lookup_cycles"]) == (1, 5.0, 1)
     assert out["speedup"] == 5.0  # 5 tokens for the price of one full step
-    # a proposal is cut so that the output's last token is always a verify's own (bonus) token
-    out = sp.simulate(sp.Policy("lookup", ((1, 8),), k=0), [answer([False] * 5)], COSTS)
-    assert out["tokens_per_cycle"] == 5.0
+
+
+def test_a_lookup_is_cut_so_that_a_verify_gives_the_last_token():
+    # the prompt holds the whole answer after "1": a proposal of all five would be right, but the output's last
+    # token must be a verify's own (bonus) token, so four are proposed over five rows
+    costs = {**COSTS, **{f"verify_{r}": r / 2 for r in range(2, sp.MAX_ROWS + 1)}}
+    whole = sp.Answer(prompt=[9, 1, 2, 3, 4, 5, 6], answer=[1, 2, 3, 4, 5, 6], exit_right=[False] * 5,
+                      exit_top=[0.9] * 5)
+    out = sp.simulate(sp.Policy("lookup", ((1, 8),), k=0), [whole], costs)
+    assert (out["cycles"], out["tokens_per_cycle"]) == (1, 5.0) and out["speedup"] == 5 / 2.5
 
 
 def test_exit_chains_accept_the_exits_right_prefix():
     # k=2: rows 0, 1 right -> 3 tokens; then room for one draft: row 3 wrong -> 1 token; then the last token
-    out = sp.simulate(sp.Policy("exit", k=2), [answer([True, True, True, False, True])], COSTS)
-    assert out["cycles"] == 3 and out["exit_cycles"] == 3 and out["tokens_per_cycle"] == 5 / 3
-    costs = {**COSTS, "exit_2": 1.5}
-    assert sp.simulate(sp.Policy("exit", k=2), [answer([True, True, True, False, True])], costs)["speedup"] == \
-        5 / (1.5 + 1.0 + 1.0)  # the last two cycles have room for one draft at most: priced as exit_1
+    # alone: the engine's k=0 cycle (a full step that runs the balcony), not an exit draft
+    costs = {**COSTS, "exit_2": 1.5, "full_balcony": 1.1}
+    out = sp.simulate(sp.Policy("exit", k=2), [answer([True, True, True, False, True])], costs)
+    assert out["cycles"] == 3 and out["exit_cycles"] == 2 and out["tokens_per_cycle"] == 5 / 3
+    assert out["speedup"] == 5 / (1.5 + 1.0 + 1.1)
 
 
 def test_a_gated_exit_steps_alone_while_its_drafts_are_rejected():
