@@ -24,7 +24,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +49,7 @@ class Answer:
     answer: list[int]
     exit_right: list[bool]  # [A - 1]
     exit_top: list[float]  # [A - 1] the exit's top probability (softmax at temperature 1)
+    exit_choice: list[int] = field(default_factory=list)  # [A - 1] the exit's first choice (policy "confirm")
 
 
 def answers_from_data(bm, path: str, num: int, max_new: int) -> list[tuple[list[int], list[int]]]:
@@ -95,7 +96,7 @@ def replay(bm, pairs, exit_layer: int) -> list[Answer]:
         top = logits.float().softmax(-1).max(-1)
         choice = top.indices if engine.draft_vocab is None else engine.draft_vocab[top.indices]
         right = (choice == seq[0, len(ids) + 1:]).tolist()
-        out.append(Answer(ids, answer, right, top.values.tolist()))
+        out.append(Answer(ids, answer, right, top.values.tolist(), choice.tolist()))
     return out
 
 
@@ -165,6 +166,7 @@ class Policy:
     window: int = 8
     probe: int = 8
     extend: int = 0
+    confirm: bool = False  # where the context proposes, the exit drafts too: lookup if it agrees, else its own draft
 
 
 def simulate(policy: Policy, answers: list[Answer], cost: dict) -> dict:
@@ -183,7 +185,13 @@ def simulate(policy: Policy, answers: list[Answer], cost: dict) -> dict:
             left = A - 1 - i
             n, where = index.match(sizes) if sizes else (0, -1)
             proposal = index.tokens[where:where + min(length.get(n, 0), left - 1)] if n else []
-            if proposal:
+            if proposal and policy.confirm and proposal[0] != a.exit_choice[i]:  # the exit disagrees: its draft
+                emitted = 1 + a.exit_right[i]
+                seconds += cost["exit_1"]
+                exit_cycles += 1
+            elif proposal:
+                if policy.confirm:  # the exit agreed: its draft step, then the lookup's verify
+                    seconds += cost["exit_1"] - cost["verify_2"]
                 emitted = _prefix(proposal, a.answer[i + 1:]) + 1
                 rows = len(proposal) + 1
                 seconds += cost[f"lookup_{rows}" if uses_exit else f"verify_{rows}"]
@@ -268,6 +276,7 @@ def policies() -> list[Policy]:
             out.append(Policy(f"lookup {name}, else exit k=1 + {extend} read on", lengths, k=1, extend=extend))
             out.append(Policy(f"lookup {name}, else exit k=2 + {extend} read on", lengths, k=2, extend=extend))
         out.append(Policy(f"lookup {name}, else exit k=2", lengths, k=2))
+        out.append(Policy(f"lookup {name} where exit's d_1 agrees, else exit k=1", lengths, k=1, confirm=True))
     return out
 
 

@@ -51,3 +51,14 @@ def test_a_gated_exit_steps_alone_while_its_drafts_are_rejected():
     policy = sp.Policy("gated", k=1, gate=0.5, window=1, probe=8)
     out = sp.simulate(policy, [answer([False] * 5)], COSTS)
     assert out["exit_cycles"] == 1 and out["cycles"] == 5  # one rejected draft, then full steps
+
+
+def test_confirm_verifies_the_lookup_only_where_the_exits_draft_agrees():
+    # pending "1": the context proposes 2 3 4 5 but the exit drafts 7: its own (wrong) draft is verified, 1 token;
+    # pending "2": the context proposes 3 4 5 and the exit drafts 3: the lookup is verified, 3 accepted + bonus
+    costs = {**COSTS, "exit_1": 1.3}
+    a = sp.Answer(prompt=[9, 1, 2, 3, 4, 5], answer=[1, 2, 3, 4, 5, 6], exit_right=[False, True, False, False, False],
+                  exit_top=[0.9] * 5, exit_choice=[7, 3, 0, 0, 0])
+    out = sp.simulate(sp.Policy("confirm", ((1, 4),), k=1, confirm=True), [a], costs)
+    assert (out["cycles"], out["exit_cycles"], out["lookup_cycles"], out["tokens_per_cycle"]) == (2, 1, 1, 2.5)
+    assert abs(out["speedup"] - 5 / (1.3 + (1.3 - 1.0) + 1.0)) < 1e-12
