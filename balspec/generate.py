@@ -71,7 +71,8 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "acceptance_rate": self.acceptance_rate,
-                "lookup_acceptance_rate": self.lookup_acceptance_rate, "mean_accepted_length": self.mean_accepted_length, "tokens_per_second": self.tokens_per_second}
+                "lookup_acceptance_rate": self.lookup_acceptance_rate,
+                "mean_accepted_length": self.mean_accepted_length, "tokens_per_second": self.tokens_per_second}
 
 
 @dataclass

@@ -11,8 +11,9 @@ sp = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = sp  # dataclasses look their module up while the file runs
 spec.loader.exec_module(sp)
 
+ROWS = range(2, sp.MAX_ROWS + 1)
 COSTS = {"full": 1.0, "full_balcony": 1.0, **{f"exit_{k}": 1.0 for k in (1, 2, 3)},
-         **{f"lookup_{r}": 1.0 for r in range(2, sp.MAX_ROWS + 1)}, **{f"verify_{r}": 1.0 for r in range(2, sp.MAX_ROWS + 1)}}
+         **{f"lookup_{r}": 1.0 for r in ROWS}, **{f"verify_{r}": 1.0 for r in ROWS}}
 
 
 def answer(exit_right):
