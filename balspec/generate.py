@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 
 from balspec.checkpoint import load_exits
-from balspec.engine.sampling import Sampling, check_seed, choose
 from balspec.engine.lookup import NgramLookup
+from balspec.engine.sampling import Sampling, check_seed, choose
 from balspec.engine.speculative import AUTO_MAX_DRAFT, MAX_DRAFT_LEN, MAX_DRAFT_WIDTH, Cycle, Engine, sync_device
 from balspec.errors import BalspecError
 from balspec.exits import Exits, with_control_tokens

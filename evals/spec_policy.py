@@ -23,7 +23,6 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 import balspec
 from balspec.engine.lookup import NgramLookup
 from balspec.engine.sampling import Sampling
-from balspec.engine.speculative import sync_device
+from balspec.measure.costs import median_seconds
 from balspec.measure.prompts import load_prompts, spread
 from balspec.models import device_name
 
@@ -112,7 +111,6 @@ def cycle_costs(bm, ids: list[int], exit_layer: int, repeats: int) -> dict:
     prompt = torch.tensor([ids[:-1]], device=engine.device)
     engine.prefill(prompt, "speculative", exit_layer)
     token = torch.tensor([[ids[-1]]], device=engine.device)
-    everything = list(range(len(engine.cache.lengths)))
     others = ids[-MAX_ROWS:]  # stand-in drafts: real tokens, mostly rejected
 
     def full():
@@ -138,16 +136,7 @@ def cycle_costs(bm, ids: list[int], exit_layer: int, repeats: int) -> dict:
     kinds = {"full": full, "full_balcony": full_balcony, **{f"exit_{k}": exit_cycle(k) for k in (1, 2, 3)},
              **{f"lookup_{r}": lookup(r) for r in range(2, MAX_ROWS + 1)},
              **{f"verify_{r}": verify(r) for r in range(2, MAX_ROWS + 1)}}
-    times = {name: [] for name in kinds}
-    for _ in range(repeats + 2):  # interleaved, so that a slow spell of the machine touches every kind alike
-        for name, fn in kinds.items():
-            sync_device(engine.device)
-            t0 = time.perf_counter()
-            fn()
-            sync_device(engine.device)
-            times[name].append(time.perf_counter() - t0)
-            engine.cache.rollback(everything, start)
-    return {name: sorted(t[2:])[len(t[2:]) // 2] for name, t in times.items()}
+    return median_seconds(engine, kinds, repeats, start)
 
 
 @dataclass(frozen=True)

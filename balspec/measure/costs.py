@@ -7,6 +7,7 @@ the speedup it can reach at its acceptance, and reports how close the engine com
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -25,7 +26,6 @@ def pass_costs(bm, prompt_ids: list[int], exit_layer: int, draft_len: int, width
     with torch.inference_mode():
         engine.prefill(prompt, "speculative", exit_layer)
         token = prompt[:, -1:]
-        everything = list(range(len(engine.cache.lengths)))
 
         def full_step():
             engine.step(token, start, "full", None).argmax(-1).tolist()
@@ -39,15 +39,22 @@ def pass_costs(bm, prompt_ids: list[int], exit_layer: int, draft_len: int, width
             hidden = h[:, :1].expand(1, draft_len + width, h.shape[-1])  # stands in for the buffered exit states
             engine.full_logits(engine.run_layers(hidden, exit_layer, engine.num_layers, start)).argmax(-1).tolist()
 
-        costs = {}
-        for name, fn in (("full_step_s", full_step), ("draft_step_s", draft_step), ("verify_s", verify)):
-            times = []
-            for i in range(repeats + 2):
-                sync_device(engine.device)
-                t0 = time.perf_counter()
-                fn()
-                sync_device(engine.device)
-                times.append(time.perf_counter() - t0)
-                engine.cache.rollback(everything, start)
-            costs[name] = sorted(times[2:])[len(times[2:]) // 2]  # median after two warm-up calls
-    return costs
+        return median_seconds(engine, {"full_step_s": full_step, "draft_step_s": draft_step, "verify_s": verify},
+                              repeats, start)
+
+
+def median_seconds(engine, calls: dict[str, Callable[[], object]], repeats: int, start: int) -> dict[str, float]:
+    """Median seconds of each call over `repeats` rounds, after two untimed rounds; within a round the calls take
+    turns, so that a slow spell of the machine touches each alike. Device-synchronised around every call; every
+    cache slot is rolled back to `start` after it, so each call runs in the same state."""
+    everything = list(range(len(engine.cache.lengths)))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats + 2):
+        for name, fn in calls.items():
+            sync_device(engine.device)
+            t0 = time.perf_counter()
+            fn()
+            sync_device(engine.device)
+            times[name].append(time.perf_counter() - t0)
+            engine.cache.rollback(everything, start)
+    return {name: sorted(t[2:])[len(t[2:]) // 2] for name, t in times.items()}
