@@ -369,6 +369,39 @@ def train(
     print(run_training(config, checkpoint))
 
 
+@app.command("cache-teacher")
+def cache_teacher(
+    blocks: int = typer.Option(..., "--blocks", help="Training blocks to cache (data.block_size tokens each), drawn "
+                               "at random (train.seed) from the recipe's data.train."),
+    output: str = typer.Option(..., "--output", "-o", help="Cache directory: new, empty, or this same cache to "
+                               "continue it."),
+    recipe: str | None = typer.Option(None, "--recipe", help="YAML recipe whose model and data the cache is for."),
+    model: str | None = typer.Option(None, "--model", help="Base model (model.name)."),
+    data: str | None = typer.Option(None, "--data", help="Training text (data.train)."),
+    overrides: list[str] = typer.Option([], "--set", help="Set any config key, as for `balspec train`."),
+) -> None:
+    """Run the frozen full model once over training blocks and store its final hidden states.
+
+    `balspec train --set data.teacher_cache=OUTPUT` then trains on those
+    blocks without running the teacher: each step runs only the trunk up to
+    the deepest exit (2 of 30 layers for a draft exit at layer 2), so more
+    epochs of self-distillation fit in an hour. The cache takes 4 x hidden
+    bytes per token (2.3 KB for SmolLM2-135M: 1M tokens, 2.3 GB). Resumable:
+    run the same command again to continue. Prints the cache directory.
+
+    Examples:
+
+        balspec cache-teacher --recipe recipes/smollm2-135m-draft.yaml --blocks 4000 --output runs/cache-corpus
+
+        balspec train --recipe recipes/smollm2-135m-draft.yaml --set data.teacher_cache=runs/cache-corpus
+    """
+    from balspec.training.config import resolve_config
+    from balspec.training.teacher_cache import build_cache
+
+    config = resolve_config(recipe, overrides, {"model.name": model, "data.train": data})
+    print(build_cache(config, output, blocks))
+
+
 def main() -> None:
     try:
         app()

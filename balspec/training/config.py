@@ -89,6 +89,9 @@ class DataConfig:
     """Tokens per training sequence: documents are concatenated (EOS between them) and cut into blocks."""
     heldout_blocks: int = 16
     """Blocks used for the per-exit evaluation (0: no evaluation)."""
+    teacher_cache: str | None = None
+    """A directory `balspec cache-teacher` wrote for this data and base model: train on its blocks, reading the
+    full model's hidden states there instead of running the teacher (only trunk layers 1..max(exits) run)."""
 
 
 @dataclass
@@ -304,6 +307,10 @@ def validate(config: TrainingConfig) -> None:
         ("data.heldout_blocks", c.data.heldout_blocks >= 0, "0 or more"),
         ("data.shuffle_buffer", c.data.shuffle_buffer >= 0, "0 or more"),
         ("data.train_on", c.data.train_on in TRAIN_ON, f"one of {', '.join(TRAIN_ON)}"),
+        ("data.teacher_cache", c.data.teacher_cache is None or not c.data.streaming,
+         "null when data.streaming is true (a cache holds packed blocks)"),
+        ("data.teacher_cache", c.data.teacher_cache is None or (c.method == "balcony" and not c.exits.train_base),
+         "null when the base trains (method sorted or exits.train_base): its teacher is not frozen"),
         ("optim.lr", 0 < c.optim.lr < math.inf, "a finite number > 0"),
         ("optim.min_lr_ratio", 0 <= c.optim.min_lr_ratio <= 1, "between 0 and 1"),
         ("optim.warmup_steps", c.optim.warmup_steps >= 0, "0 or more"),

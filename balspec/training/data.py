@@ -27,19 +27,26 @@ _PACK_BATCH = 1000  # records per packing batch; at most block_size - 1 tokens a
 
 @dataclass
 class Batch:
-    """Token blocks and, when the loss counts only some positions, which ones."""
+    """Token blocks and, when the loss counts only some positions, which ones; from a teacher cache, also the
+    full model's final normed hidden states there (teacher_cache.py)."""
 
     input_ids: torch.Tensor  # [rows, block]
     loss_mask: torch.Tensor | None = None  # [rows, block] bool: positions the loss counts; None: all of them
+    teacher_hidden: torch.Tensor | None = None  # [rows, block, hidden], or None: run the teacher
+    teacher_lse: torch.Tensor | None = None  # [rows, block] float32: logsumexp of the teacher's logits
+    teacher_top: torch.Tensor | None = None  # [rows, block] long: the teacher's argmax token
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def __getitem__(self, rows) -> Batch:
-        return Batch(self.input_ids[rows], None if self.loss_mask is None else self.loss_mask[rows])
+        return Batch(*(None if t is None else t[rows] for t in self._tensors()))
 
     def to(self, device) -> Batch:
-        return Batch(self.input_ids.to(device), None if self.loss_mask is None else self.loss_mask.to(device))
+        return Batch(*(None if t is None else t.to(device) for t in self._tensors()))
+
+    def _tensors(self) -> tuple:
+        return self.input_ids, self.loss_mask, self.teacher_hidden, self.teacher_lse, self.teacher_top
 
 
 def _batch(rows: dict) -> Batch:
@@ -75,7 +82,10 @@ class PackedBlocks:
             if self.index == len(order):
                 self.epoch, self.index = self.epoch + 1, 0
         mine = rows[self.rank * batch_size:(self.rank + 1) * batch_size]
-        return _batch(self.dataset[mine])  # [batch, block]
+        return self._fetch(mine)  # [batch, block]
+
+    def _fetch(self, rows: list[int]) -> Batch:
+        return _batch(self.dataset[rows])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -86,8 +96,25 @@ class PackedBlocks:
     def _epoch_order(self) -> torch.Tensor:
         if self._order[0] != self.epoch:
             generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            self._order = (self.epoch, torch.randperm(len(self.dataset), generator=generator))
+            self._order = (self.epoch, torch.randperm(len(self), generator=generator))
         return self._order[1]
+
+
+class CachedBlocks(PackedBlocks):
+    """The blocks of a teacher cache (teacher_cache.py), each with the teacher's hidden states, walked as
+    PackedBlocks walks a dataset: a new seeded order each epoch, resumable at (epoch, index)."""
+
+    def __init__(self, cache, seed: int, rank: int = 0, world: int = 1):
+        self.cache = cache
+        self.seed, self.rank, self.world = seed, rank, world
+        self.epoch, self.index = 0, 0
+        self._order = (-1, None)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def _fetch(self, rows: list[int]) -> Batch:
+        return self.cache.rows(rows)
 
 
 class StreamedBlocks:

@@ -69,10 +69,31 @@ class Workspace:
         return buf
 
 
+def teacher_stats(teacher_hidden: torch.Tensor, head: nn.Linear, arch: Architecture | None = None,
+                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse [positions] float32, argmax [positions] long) of the teacher's logits head(teacher_hidden) over the
+    whole vocabulary, made as `distill_losses` makes them (fp32 buffers, the architecture's divisor and cap).
+    Stored beside cached teacher states, they let a draft-vocabulary loss skip the teacher's full head."""
+    divisor, softcap = (arch.logits_divisor, arch.logit_softcap) if arch is not None else (None, None)
+    n = teacher_hidden.shape[0]
+    lse, top = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.long)
+    buffer = torch.empty((min(chunk, n), head.weight.shape[0]), dtype=torch.float32, device=teacher_hidden.device)
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            t = _finish(_logits_into(buffer[:rows.stop - rows.start], teacher_hidden[rows], head.weight,
+                                     head.bias), divisor, softcap)
+            max_t, top_t = t.max(dim=-1)
+            lse[rows] = _logsumexp(max_t, torch.softmax(t, dim=-1, out=t), top_t).cpu()
+            top[rows] = top_t.cpu()
+    return lse, top
+
+
 def distill_losses(hidden: list[torch.Tensor], teacher_hidden: torch.Tensor, head: nn.Linear,
                    labels: torch.Tensor | None = None, ce_weight: float = 0.0, chunk: int = 1024,
                    workspace: Workspace | None = None, vocab: torch.Tensor | None = None,
-                   arch: Architecture | None = None) -> ExitLosses:
+                   arch: Architecture | None = None,
+                   stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> ExitLosses:
     """Losses of the exits whose normed balcony outputs are `hidden` (each [positions, hidden_size]).
 
     teacher_hidden: the full model's final normed hidden states [positions, hidden_size]; labels:
@@ -89,6 +110,10 @@ def distill_losses(hidden: list[torch.Tensor], teacher_hidden: torch.Tensor, hea
 
     arch: the base model's logit divisor (Granite) and soft-cap (Gemma) apply to the head's products,
     teacher's and exits' alike, so that p and q are the model's own distributions.
+
+    stats: the teacher's (lse, argmax) per position over the whole vocabulary (`teacher_stats`, from a teacher
+    cache): with `vocab`, the teacher's logits are then made over V only, p_V = exp(t_V - lse), the same loss
+    up to rounding for |V| / vocabulary of the teacher's head cost. Ignored without `vocab`.
     """
     if ce_weight > 0 and labels is None:
         raise ValueError("ce_weight > 0 needs labels")
@@ -101,7 +126,8 @@ def distill_losses(hidden: list[torch.Tensor], teacher_hidden: torch.Tensor, hea
         return ExitLosses(zero, zero.detach(), zero.detach(), zero.detach(), 0)
     divisor, softcap = (arch.logits_divisor, arch.logit_softcap) if arch is not None else (None, None)
     loss, metrics = _FusedHeadKL.apply(teacher_hidden, labels, head.weight, head.bias, ce_weight, chunk,
-                                       want_grad, workspace or Workspace(), vocab, divisor, softcap, *hidden)
+                                       want_grad, workspace or Workspace(), vocab, divisor, softcap,
+                                       stats if vocab is not None else None, *hidden)
     return ExitLosses(loss, metrics[0], metrics[1], metrics[2], n)
 
 
@@ -117,28 +143,40 @@ class _FusedHeadKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, teacher_hidden, labels, weight, bias, ce_weight, chunk, want_grad, workspace, vocab, divisor,
-                softcap, *hidden):
+                softcap, stats, *hidden):
         n, device = teacher_hidden.shape[0], teacher_hidden.device
         n_valid = max(int((labels >= 0).sum()), 1) if labels is not None else 1
         sums = torch.zeros(3, len(hidden), dtype=torch.float64, device=device)  # kl, ce, agree
         grads = [torch.empty_like(h) for h in hidden] if want_grad else None
         shape = (min(chunk, n), weight.shape[0])
-        logits, p = (workspace.get(name, shape, device) for name in ("logits", "p"))  # [chunk, vocab]
         # The exits' head: the whole one, or its rows of the draft vocabulary.
         weight_s = weight if vocab is None else weight.index_select(0, vocab)
         bias_s = bias if bias is None or vocab is None else bias.index_select(0, vocab)
         shape_s = (shape[0], weight_s.shape[0])
+        if stats is None:
+            logits, p = (workspace.get(name, shape, device) for name in ("logits", "p"))  # [chunk, vocab]
+        else:  # the teacher's logits and probabilities over the draft vocabulary only
+            logits, p = (workspace.get(name, shape_s, device) for name in ("logits_v", "p_v"))  # [chunk, |vocab|]
         q = workspace.get("q", shape_s, device)  # [chunk, |vocab|]
         z_buf = logits if vocab is None else workspace.get("z", shape_s, device)  # the teacher's buffer once dead
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             size = rows.stop - rows.start
             lab = labels[rows] if labels is not None else None
-            t = _finish(_logits_into(logits[:size], teacher_hidden[rows], weight, bias), divisor, softcap)
-            max_t, top_t = t.max(dim=-1)  # [chunk]
-            p_t = torch.softmax(t, dim=-1, out=p[:size])
-            lse_t = _logsumexp(max_t, p_t, top_t)
-            if vocab is None:
+            if stats is not None:  # p_V = exp(t_V - lse): the teacher's lse and argmax come with its states
+                t = _finish(_logits_into(logits[:size], teacher_hidden[rows], weight_s, bias_s), divisor, softcap)
+                lse_t, top_t = stats[0][rows], stats[1][rows]
+                p_t = torch.sub(t, lse_t.unsqueeze(1), out=p[:size]).exp_()  # [chunk, |vocab|]
+                mass = p_t.sum(dim=-1)  # [chunk]: p(V)
+                p_logp = _rowdot(p_t, t) - mass * lse_t - mass * mass.clamp(min=1e-30).log()
+            else:
+                t = _finish(_logits_into(logits[:size], teacher_hidden[rows], weight, bias), divisor, softcap)
+                max_t, top_t = t.max(dim=-1)  # [chunk]
+                p_t = torch.softmax(t, dim=-1, out=p[:size])
+                lse_t = _logsumexp(max_t, p_t, top_t)
+            if stats is not None:
+                pass  # p_t, mass and p_logp are made
+            elif vocab is None:
                 mass = None
                 p_logp = _rowdot(p_t, t) - lse_t  # [chunk]: sum_v p_v log p_v
             else:  # p(V) KL(p_V / p(V) || q) = sum_V p_v log p_v - p(V) log p(V) - sum_V p_v z_v + p(V) lse(z)
@@ -175,7 +213,7 @@ class _FusedHeadKL(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_metrics):
         grads = [g * grad_loss[i].to(g.dtype) for i, g in enumerate(ctx.grads)]
         ctx.grads = None
-        return (None,) * 11 + tuple(grads)
+        return (None,) * 12 + tuple(grads)
 
 
 def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -246,7 +284,8 @@ class Distiller(nn.Module):
 
     def forward(self, trunk: list[torch.Tensor], position_embeddings, teacher_hidden: torch.Tensor, head: nn.Linear,
                 labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
-                first_drafts: bool = False, draws: torch.Generator | None = None) -> ExitLosses:
+                first_drafts: bool = False, draws: torch.Generator | None = None,
+                stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> ExitLosses:
         """trunk: hidden states [batch, seq, hidden] at each exit; position_embeddings: cos, sin [batch, seq,
         rotary dim] of the base's last layer's kind (Balcony.forward); teacher_hidden: the final normed ones;
         loss_mask [batch, seq] bool: the positions the loss counts (None: all). The balconies run on every
@@ -256,7 +295,8 @@ class Distiller(nn.Module):
         positions precede it unverified: r drawn uniformly from 0..draft_chain-1 with the CPU generator `draws`
         (training seeds one per step, so a resumed run draws the same; None: torch's global one), as a chain of
         up to draft_chain drafts meets them; first_drafts: r = 0 everywhere (evaluation: every position scored
-        as the first draft of a cycle, deterministically)."""
+        as the first draft of a cycle, deterministically). stats: the teacher's (lse, argmax) [batch, seq] from a
+        teacher cache (distill_losses)."""
         normed, unverified = [], None
         for e, h in zip(self.exits.exits, trunk):
             balcony = self.exits[e]
@@ -275,10 +315,12 @@ class Distiller(nn.Module):
             normed.append(out.flatten(0, 1))  # [batch * seq, hidden]
         flat_labels = labels.flatten() if labels is not None and self.ce_weight > 0 else None
         teacher = teacher_hidden.flatten(0, 1)  # [batch * seq, hidden]
+        flat_stats = None if stats is None else [s.flatten() for s in stats]  # [batch * seq] each
         if loss_mask is not None:
             rows = loss_mask.flatten().nonzero().squeeze(1)  # [counted]
             normed = [h.index_select(0, rows) for h in normed]
             teacher = teacher.index_select(0, rows)
             flat_labels = flat_labels.index_select(0, rows) if flat_labels is not None else None
+            flat_stats = None if flat_stats is None else [s.index_select(0, rows) for s in flat_stats]
         return distill_losses(normed, teacher, head, flat_labels, self.ce_weight, self.chunk, self.workspace,
-                              self.draft_vocab, self.exits.arch)
+                              self.draft_vocab, self.exits.arch, flat_stats)

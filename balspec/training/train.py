@@ -25,7 +25,7 @@ from balspec.files import writing
 from balspec.generate import control_token_ids
 from balspec.models import load_model
 from balspec.training.config import TrainingConfig
-from balspec.training.data import Batch, load_blocks
+from balspec.training.data import Batch, CachedBlocks, load_blocks
 from balspec.training.loss import Distiller, ExitLosses, next_token_labels, teacher_forward
 from balspec.training.run import (
     CHECKPOINTS,
@@ -39,6 +39,7 @@ from balspec.training.run import (
     truncate_metrics,
 )
 from balspec.training.sorted import BaseDistiller, frozen_copy, load_base, needs_original, save_base, trains_base
+from balspec.training.teacher_cache import TeacherCache, trunk_forward
 from balspec.training.trainstate import load_state, save_state, saved_draft_vocab
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,10 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
     loss_vocab = exits.draft_vocab if c.loss.draft_vocab is not None else None
     blocks, eval_blocks = load_blocks(c.data, tokenizer, c.train.seed, accelerator.process_index,
                                       accelerator.num_processes)  # eval_blocks: all of them, a Batch
+    cache = None
+    if c.data.teacher_cache is not None:  # its blocks replace data.train's; evaluation still runs the teacher
+        cache = TeacherCache(c.data.teacher_cache, model, c)
+        blocks = CachedBlocks(cache, c.train.seed, accelerator.process_index, accelerator.num_processes)
 
     output = Path(c.train.output)
     with run_directory(output, accelerator, config, resume_from):
@@ -113,7 +118,7 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
         data_info = {"train": c.data.train, "heldout": c.data.heldout, "block_size": c.data.block_size,
                      "train_on": c.data.train_on,
                      "train_blocks": len(blocks) if hasattr(blocks, "__len__") else None,
-                     "heldout_blocks": len(eval_blocks)}
+                     "heldout_blocks": len(eval_blocks), **(cache.info() if cache is not None else {})}
         eval_metrics: dict = {}
         wall_base = progress.wall_seconds
 
@@ -249,13 +254,17 @@ def distill_batch(model, parts, distiller, blocks: Batch, accelerator, c: Traini
     batch, seq = input_ids.shape
     position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, -1)  # [batch, seq]
     with accelerator.autocast():
-        teacher_hidden, trunk = teacher_forward(model, input_ids, sorted(c.exits.layers))
+        if blocks.teacher_hidden is not None:  # a teacher cache's block: the trunk up to the deepest exit only
+            teacher_hidden, trunk = blocks.teacher_hidden, trunk_forward(model, input_ids, sorted(c.exits.layers))
+        else:
+            teacher_hidden, trunk = teacher_forward(model, input_ids, sorted(c.exits.layers))
         arch = accelerator.unwrap_model(distiller).exits.arch
         with torch.no_grad():  # a balcony rotates as the base's last layer (Gemma 3: its kind's own base)
             position_embeddings = arch.rotary(parts.rotary, trunk[0], position_ids, arch.balcony_kind)
         labels = next_token_labels(input_ids) if c.loss.ce_weight > 0 else None
+        stats = (blocks.teacher_lse, blocks.teacher_top) if blocks.teacher_lse is not None else None
         return distiller(trunk, position_embeddings, teacher_hidden, parts.head, labels, blocks.loss_mask,
-                         first_drafts, draws)
+                         first_drafts, draws, stats)
 
 
 def evaluate(model, parts, distiller, eval_blocks: Batch, accelerator, c: TrainingConfig) -> dict:

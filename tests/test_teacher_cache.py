@@ -1,0 +1,209 @@
+"""Teacher cache: training on cached teacher states computes the very loss and gradients the live teacher gives,
+the trunk-only forward equals the model's own, building resumes, and a cache for other data or another model is
+refused with one line. CPU, fp32, the tiny random Llama; no downloads."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from balspec import cli
+from balspec.errors import BalspecError
+from balspec.exits import model_parts
+from balspec.tiny import tiny_model
+from balspec.training import teacher_cache as tc
+from balspec.training import train as train_module
+from balspec.training.data import Batch
+from balspec.training.loss import teacher_forward
+from balspec.training.train import train
+from tests.test_train import tiny_config
+
+DRAFT = ["exits.layers=[2,4]", "exits.draft=[2]"]
+
+
+def test_trunk_forward_equals_the_teacher_forward_trunk_and_stops_early():
+    model = tiny_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    _, trunk = teacher_forward(model, ids, [1, 3, 4])
+    ran = []
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+             for i, layer in enumerate(model_parts(model).layers)]
+    got = tc.trunk_forward(model, ids, [1, 3, 4])
+    for h in hooks:
+        h.remove()
+    assert all(torch.equal(a, b) for a, b in zip(trunk, got))
+    assert ran == [0, 1, 2, 3]  # layers 5 and 6 of 6 never ran
+
+
+def test_cached_blocks_hold_the_teacher_states_and_give_the_same_loss_and_gradients(tmp_path):
+    config = tiny_config(tmp_path / "run", *DRAFT)
+    cache_dir = tc.build_cache(config, tmp_path / "cache", 12)
+    model = tiny_model()
+    cache = tc.TeacherCache(cache_dir, model, config)
+    batch = cache.rows([3, 0, 7])
+    teacher, _ = teacher_forward(model, batch.input_ids, [])
+    assert torch.equal(batch.teacher_hidden, teacher)
+    order = np.load(cache_dir / "block_index.npy")
+    assert len(set(order.tolist())) == 12  # drawn without repetition
+
+    from accelerate import Accelerator
+
+    from balspec.exits import attach_exits
+    from balspec.training.loss import Distiller
+
+    grads = []
+    for rows in (batch, Batch(batch.input_ids)):  # cached, then the live teacher
+        torch.manual_seed(0)
+        exits = attach_exits(model, [2, 4], draft_exits=[2], seed=0).float()
+        distiller = Distiller(exits, draft_chain=3)
+        losses = train_module.distill_batch(model, model_parts(model), distiller, rows, Accelerator(cpu=True),
+                                            config, draws=torch.Generator().manual_seed(5))
+        losses.loss.sum().backward()
+        grads.append((losses.loss.detach(), [p.grad.clone() for p in exits.parameters()]))
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grad_a, grad_b))
+
+
+def test_a_draft_vocabulary_loss_from_cached_lse_and_argmax_equals_the_live_teachers(tmp_path):
+    """With loss.draft_vocab the cached teacher's lse and argmax replace its full-vocabulary head: the KL,
+    agreement and gradients are the live teacher's up to rounding."""
+    from accelerate import Accelerator
+
+    from balspec.exits import attach_exits
+    from balspec.training.loss import Distiller, teacher_stats
+
+    config = tiny_config(tmp_path / "run", "exits.layers=[2]", "exits.draft=[2]")
+    model = tiny_model()
+    cache = tc.TeacherCache(tc.build_cache(config, tmp_path / "cache", 8), model, config)
+    batch = cache.rows([5, 1, 2, 6])
+    lse, top = teacher_stats(batch.teacher_hidden.flatten(0, 1), model_parts(model).head)
+    assert torch.equal(batch.teacher_top.flatten(), top) and torch.equal(batch.teacher_lse.flatten(), lse)
+    logits = model_parts(model).head(batch.teacher_hidden)
+    assert torch.allclose(batch.teacher_lse, logits.logsumexp(-1), atol=1e-5)
+    assert torch.equal(batch.teacher_top, logits.argmax(-1))
+
+    vocab = torch.arange(0, model.config.vocab_size, 3)
+    results = []
+    for rows in (batch, Batch(batch.input_ids)):  # cached with its lse and argmax, then the live teacher
+        exits = attach_exits(model, [2], draft_exits=[2], seed=0).float()
+        with torch.no_grad():
+            for p in exits.parameters():  # away from the last-layer copy, so that the KL is not near 0
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+        distiller = Distiller(exits, draft_chain=3, draft_vocab=vocab)
+        losses = train_module.distill_batch(model, model_parts(model), distiller, rows, Accelerator(cpu=True),
+                                            config, draws=torch.Generator().manual_seed(5))
+        losses.loss.sum().backward()
+        results.append((losses, [p.grad.clone() for p in exits.parameters()]))
+    (a, grad_a), (b, grad_b) = results
+    assert a.kl.item() > 1e-3
+    assert torch.allclose(a.kl, b.kl, rtol=1e-5) and torch.equal(a.agree, b.agree)
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(grad_a, grad_b))
+
+
+def test_training_on_a_cache_runs_records_it_and_resumes_exactly(tmp_path, monkeypatch):
+    cache_dir = tc.build_cache(tiny_config(tmp_path / "x", *DRAFT), tmp_path / "cache", 16)
+    sets = [*DRAFT, f"data.teacher_cache={cache_dir}", "train.max_steps=8", "train.save_every=4"]
+    straight = train(tiny_config(tmp_path / "straight", *sets))
+    record = json.loads((straight / "balspec.json").read_text())["training"]
+    assert record["data"]["teacher_cache"] == str(cache_dir) and record["data"]["cached_blocks"] == 16
+    assert record["steps"] == 8
+
+    real_step = train_module.train_step
+    calls = {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "resumed", *sets))
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    from balspec.training.run import configure
+
+    config, checkpoint = configure(None, [], {"train.output": str(tmp_path / "resumed")}, resume=True)
+    resumed = train(config, checkpoint)
+    a, b = load_file(straight / "exits.safetensors"), load_file(resumed / "exits.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_building_resumes_after_an_interruption_to_the_same_files(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path / "run")
+    straight = tc.build_cache(config, tmp_path / "straight", 10)
+    from balspec.training import loss  # build_cache imports teacher_forward when called: patch it there
+
+    calls = {"n": 0}
+    forward = loss.teacher_forward
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(loss, "teacher_forward", dying)
+    with pytest.raises(KeyboardInterrupt):
+        tc.build_cache(config, tmp_path / "resumed", 10)
+    meta = json.loads((tmp_path / "resumed" / tc.CACHE_FILE).read_text())
+    assert meta["written"] == config.optim.batch_size  # one batch recorded
+    with pytest.raises(BalspecError, match="unfinished"):
+        tc.TeacherCache(tmp_path / "resumed", tiny_model(), config)
+    monkeypatch.setattr(loss, "teacher_forward", forward)
+    tc.build_cache(config, tmp_path / "resumed", 10)
+    for name in ("block_index", "input_ids", "teacher_hidden", "teacher_lse", "teacher_top"):
+        assert np.array_equal(np.load(straight / f"{name}.npy"), np.load(tmp_path / "resumed" / f"{name}.npy"))
+
+
+def test_a_cache_for_other_data_or_another_model_is_refused(tmp_path):
+    config = tiny_config(tmp_path / "run")
+    cache_dir = tc.build_cache(config, tmp_path / "cache", 4)
+    with pytest.raises(BalspecError, match="block_size 64, this run has 32"):
+        tc.TeacherCache(cache_dir, tiny_model(), tiny_config(tmp_path / "run", "data.block_size=32"))
+    other = tiny_model()
+    with torch.no_grad():
+        model_parts(other).layers[0].mlp.up_proj.weight.mul_(2)
+    with pytest.raises(BalspecError, match="another base model"):
+        tc.TeacherCache(cache_dir, other, config)
+    with pytest.raises(BalspecError, match="holds no teacher cache"):
+        tc.TeacherCache(tmp_path, tiny_model(), config)
+    with pytest.raises(BalspecError, match="another block_size"):  # continuing it with other settings
+        tc.build_cache(tiny_config(tmp_path / "run", "data.block_size=32"), cache_dir, 4)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(BalspecError, match="other files"):
+        tc.build_cache(config, tmp_path / "busy", 4)
+    with pytest.raises(BalspecError, match="fewer than the 100000 asked"):
+        tc.build_cache(config, tmp_path / "big", 100000)
+    (cache_dir / tc.CACHE_FILE).write_text("{not json")
+    with pytest.raises(BalspecError, match="cannot be read"):
+        tc.TeacherCache(cache_dir, tiny_model(), config)
+
+
+def test_the_config_refuses_a_cache_with_streaming_or_a_training_base(tmp_path):
+    with pytest.raises(BalspecError, match="data.teacher_cache: must be null when data.streaming"):
+        tiny_config(tmp_path, "data.teacher_cache=x", "data.streaming=true")
+    with pytest.raises(BalspecError, match="data.teacher_cache: must be null when the base trains"):
+        tiny_config(tmp_path, "data.teacher_cache=x", "method=sorted")
+
+
+def test_cli_builds_a_cache_and_a_bad_one_is_one_line(tmp_path, capsys, monkeypatch):
+    from tests.test_train import TINY_RECIPE, TINY_TEXT
+
+    monkeypatch.setattr("sys.argv", ["balspec", "cache-teacher", "--recipe", TINY_RECIPE, "--data", TINY_TEXT,
+                                     "--blocks", "4", "--output", str(tmp_path / "cache")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cache")
+    monkeypatch.setattr("sys.argv", ["balspec", "train", "--recipe", TINY_RECIPE, "--data", TINY_TEXT,
+                                     "--output", str(tmp_path / "run"), "--set", f"data.teacher_cache={tmp_path}"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data.teacher_cache:") and "holds no teacher cache" in err[0]
