@@ -10,7 +10,8 @@ bench's prompts. `balspec bench` then measures the chosen ones for real.
 
 How: greedy speculation emits exactly the full model's greedy answer, so a cycle's outcome is fixed by the
 answer: an exit draft chain is accepted as far as the exit's first choices (teacher-forced on the answer so
-far) equal the answer's next tokens, and a lookup draft as far as it equals them. --data replays stored greedy
+far; a draft-kind exit's as each cycle's first draft, so only its k = 1 policies are exact) equal the answer's
+next tokens, and a lookup draft as far as it equals them. --data replays stored greedy
 answers (one teacher-forced pass each); --prompts generates them with `full` first. Each kind of cycle is timed
 on the engine (median of --repeats calls, after warm-up, at a mid-answer position); a policy's predicted time is
 the sum of its cycles' costs, and its predicted speedup the full step's time per token over its own. Not
@@ -83,13 +84,14 @@ def replay(bm, pairs, exit_layer: int) -> list[Answer]:
     """One teacher-forced pass over prompt + answer: the exit's first choice and top probability per answer row.
     Rows whose argmax disagrees with the stored answer (re-tokenised text) count as they are: a rare mismatch."""
     engine = bm.engine
-    if engine.is_draft_kind(exit_layer):
-        raise SystemExit(f"exit {exit_layer} is a draft-kind exit: the replay scores sub-model exits only")
     out = []
     for ids, answer in pairs:
         seq = torch.tensor([ids + answer], device=engine.device)
-        engine.reset(seq.shape[1])
-        normed = engine.run_balcony(exit_layer, engine.run_layers(engine.embed(seq), 0, exit_layer, 0), 0)
+        if engine.is_draft_kind(exit_layer):  # every row as a cycle's first draft (Balcony.forward, r = 0)
+            normed = first_drafts(bm, seq, exit_layer)
+        else:
+            engine.reset(seq.shape[1])
+            normed = engine.run_balcony(exit_layer, engine.run_layers(engine.embed(seq), 0, exit_layer, 0), 0)
         rows = normed[0, len(ids):seq.shape[1] - 1]  # rows predicting answer[1:]
         logits = torch.stack([engine.draft_logits(row[None, None]) for row in rows])  # [A - 1, draft vocab]
         top = logits.float().softmax(-1).max(-1)
@@ -97,6 +99,23 @@ def replay(bm, pairs, exit_layer: int) -> list[Answer]:
         right = (choice == seq[0, len(ids) + 1:]).tolist()
         out.append(Answer(ids, answer, right, top.values.tolist(), choice.tolist()))
     return out
+
+
+@torch.inference_mode()
+def first_drafts(bm, seq: torch.Tensor, exit_layer: int) -> torch.Tensor:
+    """A draft-kind exit's normed output [1, L, hidden] at every position of `seq` [1, L] as the first draft of a
+    cycle: the full model's final states of all earlier positions verified (training's path, which
+    tests/test_draft_exits.py checks against the engine's draft). A chain's later drafts see their own states
+    instead, so policies with exit chains (k > 1) are scored optimistically for such an exit; k = 1 exactly."""
+    from balspec.engine.architecture import architecture
+    from balspec.exits import model_parts
+
+    parts = model_parts(bm.model)
+    arch = architecture(bm.model, parts.rotary, parts.num_layers)
+    hidden = bm.model(seq, output_hidden_states=True, logits_to_keep=1).hidden_states
+    positions = torch.arange(seq.shape[1], device=seq.device)[None]
+    rope = arch.rotary(parts.rotary, hidden[exit_layer], positions, arch.balcony_kind)
+    return bm.exit_modules[exit_layer](hidden[exit_layer], rope, hidden[-1], torch.zeros_like(seq))
 
 
 @torch.inference_mode()
@@ -279,10 +298,11 @@ def main(argv=None) -> None:
                         help="--prompts: leave out the first SKIP prompts of each category (the bench's own)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--exit", type=int, default=8)
+    parser.add_argument("--exits-path", default=None, help="exits checkpoint holding --exit (default: the shipped exits)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per kind of cycle")
     parser.add_argument("--output", help="write the result as JSON here")
     args = parser.parse_args(argv)
-    bm = balspec.load()
+    bm = balspec.load(exits=args.exits_path)
     pairs = answers_from_data(bm, args.data, args.num, args.max_new_tokens) if args.data else \
         answers_from_prompts(bm, args.prompts, args.num, args.max_new_tokens, args.skip)
     answers = replay(bm, pairs, args.exit)

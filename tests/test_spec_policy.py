@@ -63,3 +63,23 @@ def test_confirm_verifies_the_lookup_only_where_the_exits_draft_agrees():
     out = sp.simulate(sp.Policy("confirm", ((1, 4),), k=1, confirm=True), [a], costs)
     assert (out["cycles"], out["exit_cycles"], out["lookup_cycles"], out["tokens_per_cycle"]) == (2, 1, 1, 2.5)
     assert abs(out["speedup"] - 5 / (1.3 + (1.3 - 1.0) + 1.0)) < 1e-12
+
+
+def test_replay_of_a_draft_kind_exit_predicts_the_engines_k1_cycles():
+    """A draft-kind exit is replayed as each cycle's first draft: with k = 1 and no lookup, the replay's cycles
+    and accepted drafts are those of a real speculative run on the tiny random model."""
+    from tests.test_draft_exits import make_bm
+
+    bm = make_bm()
+    prompt = bm.encode("the quick brown fox", chat=False)
+    for exit_layer in (1, 3):
+        out = bm.generate(prompt, mode="full", max_new_tokens=40, chat=False, eos=False).token_ids
+        spec = bm.generate(prompt, mode="speculative", exit=exit_layer, draft_len=1, lookup_len=0,
+                           max_new_tokens=40, chat=False, eos=False)
+        assert spec.token_ids == out
+        answers = sp.replay(bm, [(prompt, out)], exit_layer)
+        assert len(answers[0].exit_right) == len(out) - 1
+        sim = sp.simulate(sp.Policy("exit", (), k=1), answers, COSTS)
+        # the run's first cycle drafts after the prefill's token; the replay starts there too
+        assert sim["cycles"] == spec.stats.cycles and sim["cycles"] * sim["tokens_per_cycle"] == len(out) - 1
+        assert round(sim["tokens_per_cycle"] * sim["cycles"]) - sim["cycles"] == spec.stats.accepted
