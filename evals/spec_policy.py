@@ -10,8 +10,8 @@ bench's prompts. `balspec bench` then measures the chosen ones for real.
 
 How: greedy speculation emits exactly the full model's greedy answer, so a cycle's outcome is fixed by the
 answer: an exit draft chain is accepted as far as the exit's first choices (teacher-forced on the answer so
-far; a draft-kind exit's as each cycle's first draft, so only its k = 1 policies are exact) equal the answer's
-next tokens, and a lookup draft as far as it equals them. --data replays stored greedy
+far; a draft-kind exit's as each cycle's first draft, so only its k = 1 policies are exact and run) equal the
+answer's next tokens, and a lookup draft as far as it equals them. --data replays stored greedy
 answers (one teacher-forced pass each); --prompts generates them with `full` first. Each kind of cycle is timed
 on the engine (median of --repeats calls, after warm-up, at a mid-answer position); a policy's predicted time is
 the sum of its cycles' costs, and its predicted speedup the full step's time per token over its own. Not
@@ -106,7 +106,7 @@ def first_drafts(bm, seq: torch.Tensor, exit_layer: int) -> torch.Tensor:
     """A draft-kind exit's normed output [1, L, hidden] at every position of `seq` [1, L] as the first draft of a
     cycle: the full model's final states of all earlier positions verified (training's path, which
     tests/test_draft_exits.py checks against the engine's draft). A chain's later drafts see their own states
-    instead, so policies with exit chains (k > 1) are scored optimistically for such an exit; k = 1 exactly."""
+    instead, so policies with exit chains (k > 1) would be scored optimistically: main leaves them out."""
     from balspec.engine.architecture import architecture
     from balspec.exits import model_parts
 
@@ -298,7 +298,8 @@ def main(argv=None) -> None:
                         help="--prompts: leave out the first SKIP prompts of each category (the bench's own)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--exit", type=int, default=8)
-    parser.add_argument("--exits-path", default=None, help="exits checkpoint holding --exit (default: the shipped exits)")
+    parser.add_argument("--exits-path", default=None,
+                        help="exits checkpoint holding --exit (default: the shipped exits)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per kind of cycle")
     parser.add_argument("--output", help="write the result as JSON here")
     args = parser.parse_args(argv)
@@ -309,7 +310,8 @@ def main(argv=None) -> None:
     ids, answer = pairs[0]
     cost = cycle_costs(bm, ids + answer[:len(answer) // 2], args.exit, args.repeats)
     print("cycle costs (x full step): " + "  ".join(f"{k} {v / cost['full']:.2f}" for k, v in cost.items()))
-    rows = sorted((simulate(p, answers, cost) for p in policies()), key=lambda r: -r["speedup"])
+    exact = [p for p in policies() if p.k <= 1 or not bm.engine.is_draft_kind(args.exit)]  # see first_drafts
+    rows = sorted((simulate(p, answers, cost) for p in exact), key=lambda r: -r["speedup"])
     for r in rows:
         print(f"{r['speedup']:5.2f}x  {r['tokens_per_cycle']:.2f} tok/cycle  lookup {r['lookup_cycles']:5d} cycles "
               f"({r['lookup_tokens_per_cycle']:.2f} accepted)  exit {r['exit_cycles']:5d}  {r['policy']}")

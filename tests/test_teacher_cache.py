@@ -16,7 +16,7 @@ from balspec.tiny import tiny_model
 from balspec.training import teacher_cache as tc
 from balspec.training import train as train_module
 from balspec.training.data import Batch
-from balspec.training.loss import teacher_forward
+from balspec.training.loss import teacher_forward, trunk_forward
 from balspec.training.train import train
 from tests.test_train import tiny_config
 
@@ -30,7 +30,7 @@ def test_trunk_forward_equals_the_teacher_forward_trunk_and_stops_early():
     ran = []
     hooks = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
              for i, layer in enumerate(model_parts(model).layers)]
-    got = tc.trunk_forward(model, ids, [1, 3, 4])
+    got = trunk_forward(model, ids, [1, 3, 4])
     for h in hooks:
         h.remove()
     assert all(torch.equal(a, b) for a, b in zip(trunk, got))
@@ -127,6 +127,14 @@ def test_training_on_a_cache_runs_records_it_and_resumes_exactly(tmp_path, monke
     from balspec.training.run import configure
 
     config, checkpoint = configure(None, [], {"train.output": str(tmp_path / "resumed")}, resume=True)
+    other = tc.build_cache(tiny_config(tmp_path / "x", *DRAFT), tmp_path / "other", 12)
+    moved = tmp_path / "moved"
+    cache_dir.rename(moved)
+    other.rename(cache_dir)  # another cache at the run's path: its position would mean other blocks
+    with pytest.raises(BalspecError, match="is not the cache this run was trained on"):
+        train(config, checkpoint)
+    cache_dir.rename(other)
+    moved.rename(cache_dir)
     resumed = train(config, checkpoint)
     a, b = load_file(straight / "exits.safetensors"), load_file(resumed / "exits.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -142,17 +150,18 @@ def test_building_resumes_after_an_interruption_to_the_same_files(tmp_path, monk
 
     def dying(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] in (1, 3):  # in the first batch, then in the second batch of the continued build
             raise KeyboardInterrupt
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(loss, "teacher_forward", dying)
-    with pytest.raises(KeyboardInterrupt):
-        tc.build_cache(config, tmp_path / "resumed", 10)
-    meta = json.loads((tmp_path / "resumed" / tc.CACHE_FILE).read_text())
-    assert meta["written"] == config.optim.batch_size  # one batch recorded
-    with pytest.raises(BalspecError, match="unfinished"):
-        tc.TeacherCache(tmp_path / "resumed", tiny_model(), config)
+    for recorded in (0, config.optim.batch_size):
+        with pytest.raises(KeyboardInterrupt):
+            tc.build_cache(config, tmp_path / "resumed", 10)
+        meta = json.loads((tmp_path / "resumed" / tc.CACHE_FILE).read_text())
+        assert meta["written"] == recorded
+        with pytest.raises(BalspecError, match="unfinished"):
+            tc.TeacherCache(tmp_path / "resumed", tiny_model(), config)
     monkeypatch.setattr(loss, "teacher_forward", forward)
     tc.build_cache(config, tmp_path / "resumed", 10)
     for name in ("block_index", "input_ids", "teacher_hidden", "teacher_lse", "teacher_top"):
@@ -162,7 +171,7 @@ def test_building_resumes_after_an_interruption_to_the_same_files(tmp_path, monk
 def test_a_cache_for_other_data_or_another_model_is_refused(tmp_path):
     config = tiny_config(tmp_path / "run")
     cache_dir = tc.build_cache(config, tmp_path / "cache", 4)
-    with pytest.raises(BalspecError, match="block_size 64, this run has 32"):
+    with pytest.raises(BalspecError, match="data.block_size 64, this run has 32"):
         tc.TeacherCache(cache_dir, tiny_model(), tiny_config(tmp_path / "run", "data.block_size=32"))
     other = tiny_model()
     with torch.no_grad():
@@ -171,7 +180,7 @@ def test_a_cache_for_other_data_or_another_model_is_refused(tmp_path):
         tc.TeacherCache(cache_dir, other, config)
     with pytest.raises(BalspecError, match="holds no teacher cache"):
         tc.TeacherCache(tmp_path, tiny_model(), config)
-    with pytest.raises(BalspecError, match="another block_size"):  # continuing it with other settings
+    with pytest.raises(BalspecError, match="another data.block_size"):  # continuing it with other settings
         tc.build_cache(tiny_config(tmp_path / "run", "data.block_size=32"), cache_dir, 4)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
@@ -179,6 +188,15 @@ def test_a_cache_for_other_data_or_another_model_is_refused(tmp_path):
         tc.build_cache(config, tmp_path / "busy", 4)
     with pytest.raises(BalspecError, match="fewer than the 100000 asked"):
         tc.build_cache(config, tmp_path / "big", 100000)
+    # the held-out blocks are split off data.train by train.seed (data.heldout null): another seed, other blocks
+    with pytest.raises(BalspecError, match="data.split_seed 0, this run has 1"):
+        tc.TeacherCache(cache_dir, tiny_model(), tiny_config(tmp_path / "run", "train.seed=1"))
+    np.save(cache_dir / "teacher_lse.npy", np.zeros((4, 7), np.float32))
+    with pytest.raises(BalspecError, match="corrupt"):
+        tc.TeacherCache(cache_dir, tiny_model(), config)
+    (cache_dir / "teacher_top.npy").write_bytes(b"garbage")
+    with pytest.raises(BalspecError, match="teacher_top.npy cannot be read"):
+        tc.TeacherCache(cache_dir, tiny_model(), config)
     (cache_dir / tc.CACHE_FILE).write_text("{not json")
     with pytest.raises(BalspecError, match="cannot be read"):
         tc.TeacherCache(cache_dir, tiny_model(), config)

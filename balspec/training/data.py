@@ -64,7 +64,7 @@ class PackedBlocks:
     """
 
     def __init__(self, dataset, seed: int, rank: int = 0, world: int = 1):
-        self.dataset = dataset.with_format("numpy")
+        self.dataset = dataset.with_format("numpy") if dataset is not None else None
         self.seed, self.rank, self.world = seed, rank, world
         self.epoch, self.index = 0, 0
         self._order = (-1, None)
@@ -105,16 +105,24 @@ class CachedBlocks(PackedBlocks):
     PackedBlocks walks a dataset: a new seeded order each epoch, resumable at (epoch, index)."""
 
     def __init__(self, cache, seed: int, rank: int = 0, world: int = 1):
+        super().__init__(None, seed, rank, world)
         self.cache = cache
-        self.seed, self.rank, self.world = seed, rank, world
-        self.epoch, self.index = 0, 0
-        self._order = (-1, None)
 
     def __len__(self) -> int:
         return len(self.cache)
 
     def _fetch(self, rows: list[int]) -> Batch:
         return self.cache.rows(rows)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "cache": self.cache.identity}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Raises BalspecError: the checkpoint's position is in another cache than the one now at that path."""
+        if state.get("cache") != self.cache.identity:
+            raise BalspecError(f"data.teacher_cache: {self.cache.directory} is not the cache this run was trained "
+                               f"on ({state.get('cache')} then, {self.cache.identity} now); resume with that one")
+        super().load_state_dict(state)
 
 
 class StreamedBlocks:

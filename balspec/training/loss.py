@@ -49,6 +49,40 @@ def teacher_forward(model: nn.Module, input_ids: torch.Tensor, exits: list[int])
     return out.hidden_states[-1], [out.hidden_states[e] for e in exits]
 
 
+class _Stop(Exception):
+    """Raised by a forward hook once the last trunk layer needed has run: the rest of the model is skipped."""
+
+
+def trunk_forward(model: nn.Module, input_ids: torch.Tensor, exits: list[int]) -> list[torch.Tensor]:
+    """The trunk hidden states [batch, seq, hidden] after layer e for each e in `exits`, equal to those
+    `teacher_forward` returns (the model's own forward, the same kernels), running layers 1..max(exits) only:
+    forward hooks record the layers' outputs and stop the forward after the last one needed. For a teacher
+    cache's blocks (teacher_cache.py), whose teacher states are stored."""
+    from balspec.exits import model_parts
+
+    layers = model_parts(model).layers
+    states: dict[int, torch.Tensor] = {}
+    last = max(exits)
+
+    def recorder(e: int):
+        def hook(module, args, output):
+            states[e] = output[0] if isinstance(output, tuple) else output
+            if e == last:
+                raise _Stop
+        return hook
+
+    handles = [layers[e - 1].register_forward_hook(recorder(e)) for e in set(exits)]
+    try:
+        with torch.no_grad():
+            model(input_ids, logits_to_keep=1)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [states[e] for e in exits]
+
+
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     """Labels for cross-entropy: the next token, -100 at the last position of each block. [batch, seq]"""
     labels = torch.full_like(input_ids, -100)
@@ -174,15 +208,13 @@ class _FusedHeadKL(torch.autograd.Function):
                 max_t, top_t = t.max(dim=-1)  # [chunk]
                 p_t = torch.softmax(t, dim=-1, out=p[:size])
                 lse_t = _logsumexp(max_t, p_t, top_t)
-            if stats is not None:
-                pass  # p_t, mass and p_logp are made
-            elif vocab is None:
-                mass = None
-                p_logp = _rowdot(p_t, t) - lse_t  # [chunk]: sum_v p_v log p_v
-            else:  # p(V) KL(p_V / p(V) || q) = sum_V p_v log p_v - p(V) log p(V) - sum_V p_v z_v + p(V) lse(z)
-                p_t = p_t.index_select(1, vocab)  # [chunk, |vocab|]
-                mass = p_t.sum(dim=-1)  # [chunk]: p(V)
-                p_logp = _rowdot(p_t, t.index_select(1, vocab)) - mass * lse_t - mass * mass.clamp(min=1e-30).log()
+                if vocab is None:
+                    mass = None
+                    p_logp = _rowdot(p_t, t) - lse_t  # [chunk]: sum_v p_v log p_v
+                else:  # p(V) KL(p_V / p(V) || q) = sum_V p_v log p_v - p(V) log p(V) - sum_V p_v z_v + p(V) lse(z)
+                    p_t = p_t.index_select(1, vocab)  # [chunk, |vocab|]
+                    mass = p_t.sum(dim=-1)  # [chunk]: p(V)
+                    p_logp = _rowdot(p_t, t.index_select(1, vocab)) - mass * lse_t - mass * mass.clamp(min=1e-30).log()
             for i, h in enumerate(hidden):
                 z = _finish(_logits_into(z_buf[:size], h[rows], weight_s, bias_s), divisor, softcap)
                 max_z, top_z = z.max(dim=-1)

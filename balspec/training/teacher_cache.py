@@ -26,6 +26,7 @@ Train on it with `--set data.teacher_cache=DIR` (the recipe's data and base mode
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -42,57 +43,31 @@ FORMAT = 1
 DATA_KEYS = ("train", "hub_config", "split", "text_field", "messages_field", "train_on", "block_size")
 
 
-class _Stop(Exception):
-    """Raised by a forward hook once the last trunk layer needed has run: the rest of the model is skipped."""
-
-
-def trunk_forward(model: torch.nn.Module, input_ids: torch.Tensor, exits: list[int]) -> list[torch.Tensor]:
-    """The trunk hidden states [batch, seq, hidden] after layer e for each e in `exits`, equal to those
-    `loss.teacher_forward` returns (the model's own forward, the same kernels), but running layers 1..max(exits)
-    only: forward hooks record the layers' outputs and stop the forward after the last one needed."""
-    from balspec.exits import model_parts
-
-    layers = model_parts(model).layers
-    states: dict[int, torch.Tensor] = {}
-    last = max(exits)
-
-    def recorder(e: int):
-        def hook(module, args, output):
-            states[e] = output[0] if isinstance(output, tuple) else output
-            if e == last:
-                raise _Stop
-        return hook
-
-    handles = [layers[e - 1].register_forward_hook(recorder(e)) for e in set(exits)]
-    try:
-        with torch.no_grad():
-            model(input_ids, logits_to_keep=1)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [states[e] for e in exits]
-
-
 def data_identity(config: TrainingConfig) -> dict:
-    """The data settings that decide the training blocks' tokens."""
-    return {key: getattr(config.data, key) for key in DATA_KEYS}
+    """The data settings that decide the training blocks: the text, its packing, and where the held-out blocks
+    come from (split off data.train by train.seed when data.heldout is null: then those decide it too)."""
+    identity = {key: getattr(config.data, key) for key in DATA_KEYS}
+    identity["heldout"] = config.data.heldout
+    if config.data.heldout is None:
+        identity.update(heldout_blocks=config.data.heldout_blocks, split_seed=config.train.seed)
+    return identity
 
 
 def build_cache(config: TrainingConfig, output: str | Path, blocks: int) -> Path:
     """Write (or continue) the teacher cache of `blocks` blocks of config.data.train into `output`, with
     config.model and config.train.mixed_precision as training runs the teacher. Returns `output`.
 
-    Raises BalspecError: fewer training blocks than asked, or `output` holding another cache or other files."""
+    Raises BalspecError: fewer training blocks than asked, streamed data, several processes, `output` holding
+    another cache or other files, a damaged cache, or a failed write (a full disk: the files are allocated
+    whole when created)."""
     from accelerate import Accelerator
 
     from balspec.checkpoint import base_model_info
+    from balspec.engine.architecture import architecture
+    from balspec.exits import model_parts
     from balspec.files import check_output_dir, writing
     from balspec.models import load_model
     from balspec.training.data import load_blocks
-    from balspec.engine.architecture import architecture
-    from balspec.exits import model_parts
     from balspec.training.loss import teacher_forward, teacher_stats
     from balspec.training.train import progress_bar
 
@@ -100,111 +75,111 @@ def build_cache(config: TrainingConfig, output: str | Path, blocks: int) -> Path
     check_output_dir(output, "--output")
     if blocks < 1:
         raise BalspecError(f"--blocks: must be at least 1, got {blocks}")
-    started = time.perf_counter()
+    if config.data.streaming:
+        raise BalspecError("data.streaming: a teacher cache holds packed blocks; cache local data (streaming false)")
+    meta = {"format": FORMAT, "data": data_identity(config), "model_dtype": config.model.dtype,
+            "mixed_precision": config.train.mixed_precision, "seed": config.train.seed, "blocks": blocks,
+            "block_size": config.data.block_size, "dtype": "float32", "written": 0, "seconds": 0.0}
+    old = None
+    if (output / CACHE_FILE).exists():  # continue it: the same settings only (checked before the slow loads)
+        old = _read_meta(output, "--output")
+        _same(output, _identity(old), _identity(meta))
+    elif output.exists() and any(output.iterdir()):
+        raise BalspecError(f"--output: {output} holds other files (not a teacher cache); choose a new or empty one")
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=config.train.cpu)
+    if accelerator.num_processes > 1:
+        raise BalspecError("cache-teacher runs in one process (each would write the same files); "
+                           "run it without accelerate launch")
     model, tokenizer = load_model(config.model.name, config.model.dtype, device=accelerator.device)
-    train_blocks, _ = load_blocks(config.data, tokenizer, seed=config.train.seed)
-    dataset = train_blocks.dataset
+    dataset = load_blocks(config.data, tokenizer, seed=config.train.seed)[0].dataset
     if blocks > len(dataset):
         raise BalspecError(f"--blocks: data.train {config.data.train} gives {len(dataset)} blocks of "
                            f"{config.data.block_size} tokens, fewer than the {blocks} asked")
-    meta = {"format": FORMAT, "base_model": base_model_info(model), "data": data_identity(config),
-            "model_dtype": config.model.dtype, "mixed_precision": config.train.mixed_precision,
-            "seed": config.train.seed,
-            "blocks": blocks, "dataset_blocks": len(dataset), "block_size": config.data.block_size,
-            "hidden_size": model.config.hidden_size, "dtype": "float32", "written": 0, "seconds": 0.0}
-    path = output / CACHE_FILE
-    if path.exists():
-        old = _read_meta(output)
-        mine, theirs = _identity(meta), _identity(old)
-        differs = [k for k in mine if theirs.get(k) != mine[k]]
-        if differs:
-            raise BalspecError(f"--output: {output} holds a teacher cache made with another {differs[0]} "
-                               f"({theirs.get(differs[0])!r}, here {mine[differs[0]]!r}); choose another directory")
+    meta.update(base_model=base_model_info(model), dataset_blocks=len(dataset), hidden_size=model.config.hidden_size)
+    if old is not None:
+        _same(output, _identity(old), _identity(meta))
         meta = old
-    elif output.exists() and any(output.iterdir()):
-        raise BalspecError(f"--output: {output} holds other files (not a teacher cache); choose a new or empty one")
-    output.mkdir(parents=True, exist_ok=True)
     masked = config.data.train_on == "assistant"
     shape = (blocks, config.data.block_size)
+    files = {"block_index": (np.int64, (blocks,)), "input_ids": (np.int32, shape),
+             "teacher_hidden": (np.float32, (*shape, meta["hidden_size"])), "teacher_lse": (np.float32, shape),
+             "teacher_top": (np.int32, shape), **({"loss_mask": (np.bool_, shape)} if masked else {})}
+    parts = model_parts(model)
+    arch = architecture(model, parts.rotary, parts.num_layers)
     with writing(f"--output: cannot write the teacher cache into {output}"):
-        arrays = {"block_index": _array(output, "block_index", np.int64, (blocks,), meta["written"]),
-                  "input_ids": _array(output, "input_ids", np.int32, shape, meta["written"]),
-                  "teacher_hidden": _array(output, "teacher_hidden", np.float32,
-                                           (*shape, meta["hidden_size"]), meta["written"])}
-        if masked:
-            arrays["loss_mask"] = _array(output, "loss_mask", np.bool_, shape, meta["written"])
-        stats_written = meta.get("stats_written", 0)  # a cache of an earlier format has none yet
-        arrays["teacher_lse"] = _array(output, "teacher_lse", np.float32, shape, stats_written)
-        arrays["teacher_top"] = _array(output, "teacher_top", np.int32, shape, stats_written)
-        parts = model_parts(model)
-        arch = architecture(model, parts.rotary, parts.num_layers)
-
-        def stats_of(hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:  # [rows, block, hidden]
-            lse, top = teacher_stats(hidden.flatten(0, 1), parts.head, arch, config.loss.chunk_size)
-            return lse.view(hidden.shape[:2]).numpy(), top.view(hidden.shape[:2]).numpy()
-
-        for start in range(stats_written, meta["written"], config.optim.batch_size):  # blocks cached before
-            end = min(start + config.optim.batch_size, meta["written"])
-            hidden = torch.from_numpy(np.ascontiguousarray(arrays["teacher_hidden"][start:end]))
-            hidden = hidden.to(accelerator.device, getattr(torch, meta.get("teacher_dtype", "float32")))
-            arrays["teacher_lse"][start:end], arrays["teacher_top"][start:end] = stats_of(hidden)
-            meta["stats_written"] = end
-        if stats_written < meta["written"]:
-            arrays["teacher_lse"].flush()
-            arrays["teacher_top"].flush()
-            _write_meta(output, meta)
+        output.mkdir(parents=True, exist_ok=True)
+        if old is None:
+            _write_meta(output, meta)  # first: an interrupted first batch leaves a cache to continue
+        arrays = {name: _array(output, name, dtype, size, meta["written"]) for name, (dtype, size) in files.items()}
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(meta["seed"]))[:blocks].numpy()
         arrays["block_index"][:] = order
         rows = dataset.with_format("numpy")
-        batch = config.optim.batch_size
         done, spent = meta["written"], meta["seconds"]
         with progress_bar(True) as bar:
             task = bar.add_task("cache", total=blocks, completed=done, info="")
             while done < blocks:
                 t0 = time.perf_counter()
-                take = order[done:done + batch]
-                chosen = rows[np.sort(take).tolist()]
-                position = {int(b): i for i, b in enumerate(np.sort(take))}
-                pick = [position[int(b)] for b in take]  # back to the drawn order
+                take = order[done:done + config.optim.batch_size]
+                ascending = np.sort(take)
+                chosen = rows[ascending.tolist()]
+                pick = np.searchsorted(ascending, take)  # back to the drawn order
                 ids = torch.as_tensor(np.asarray(chosen["input_ids"], dtype=np.int64)[pick])  # [batch, block]
-                with accelerator.autocast():
+                with accelerator.autocast():  # as training runs the teacher and its loss
                     hidden, _ = teacher_forward(model, ids.to(accelerator.device), [])
-                meta["teacher_dtype"] = str(hidden.dtype).removeprefix("torch.")  # float32 on disk; cast back
+                    lse, top = teacher_stats(hidden.flatten(0, 1), parts.head, arch, config.loss.chunk_size)
                 end = done + len(take)
                 arrays["input_ids"][done:end] = ids.numpy()
                 arrays["teacher_hidden"][done:end] = hidden.float().cpu().numpy()
+                arrays["teacher_lse"][done:end] = lse.view(ids.shape).numpy()
+                arrays["teacher_top"][done:end] = top.view(ids.shape).numpy()
                 if masked:
                     arrays["loss_mask"][done:end] = np.asarray(chosen["loss_mask"], dtype=np.bool_)[pick]
-                arrays["teacher_lse"][done:end], arrays["teacher_top"][done:end] = stats_of(hidden)
                 for array in arrays.values():
                     array.flush()
                 spent += time.perf_counter() - t0
                 done = end
-                meta.update(written=done, stats_written=done, seconds=round(spent, 2),
+                meta.update(written=done, seconds=round(spent, 2), teacher_dtype=str(hidden.dtype)[len("torch."):],
                             tokens_per_s=round(done * config.data.block_size / max(spent, 1e-9), 1))
-                _write_meta(output, meta)
+                _write_meta(output, meta)  # after the arrays' flush: what it counts is on disk
                 bar.update(task, completed=done, info=f"{meta['tokens_per_s']:,.0f} tok/s")
-    meta["wall_seconds"] = round(time.perf_counter() - started, 2)
     return output
 
 
 def _identity(meta: dict) -> dict:
-    """What a cache was made from, flat: base model, data settings, dtypes, seed, sizes."""
-    flat = {f"data.{k}" if k not in ("block_size",) else k: v for k, v in meta["data"].items()}
-    flat["base model"] = meta["base_model"].get("weights_fingerprint")
-    flat.update({k: meta.get(k) for k in ("model_dtype", "mixed_precision", "seed", "blocks", "hidden_size")})
+    """What a cache was made from, flat: data settings, dtypes, seed, sizes and (once loaded) base model."""
+    flat = {f"data.{k}": v for k, v in meta["data"].items()}
+    flat.update({k: meta.get(k) for k in ("model_dtype", "mixed_precision", "seed", "blocks")})
+    if "base_model" in meta:
+        flat.update({"base model": meta["base_model"].get("weights_fingerprint"),
+                     "number of training blocks": meta.get("dataset_blocks"), "hidden size": meta.get("hidden_size")})
     return flat
 
 
+def _same(output: Path, theirs: dict, mine: dict) -> None:
+    differs = [k for k in mine if theirs.get(k) != mine[k]]
+    if differs:
+        key = differs[0]
+        raise BalspecError(f"--output: {output} holds a teacher cache made with another {key} "
+                           f"({theirs.get(key)!r}, here {mine[key]!r}); choose another directory")
+
+
 def _array(output: Path, name: str, dtype, shape: tuple, written: int) -> np.memmap:
-    """The cache's .npy file `name`, created at its full shape, or opened to continue after `written` blocks."""
+    """The cache's .npy file `name`: created at its full shape with its disk space allocated (a full disk
+    fails here, not later in a write through the mapping), or reopened to continue after `written` blocks."""
     file = output / f"{name}.npy"
-    if written > 0 and file.exists():
+    if written == 0:
+        array = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
+        with open(file, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(file))
+        return array
+    try:
         array = np.load(file, mmap_mode="r+")
-        if array.shape == shape and array.dtype == dtype:
-            return array
-    return np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
+    except (OSError, ValueError) as e:
+        raise BalspecError(f"--output: {file} cannot be read ({e}); delete {output} and build it again") from None
+    if array.shape != shape or array.dtype != dtype:
+        raise BalspecError(f"--output: {file} is corrupt (shape {array.shape}, {array.dtype}); delete {output} "
+                           "and build it again")
+    return array
 
 
 def _write_meta(output: Path, meta: dict) -> None:
@@ -216,14 +191,15 @@ def _write_meta(output: Path, meta: dict) -> None:
     os.replace(partial, target)
 
 
-def _read_meta(directory: Path) -> dict:
+def _read_meta(directory: Path, flag: str) -> dict:
     try:
         meta = json.loads((directory / CACHE_FILE).read_text())
     except (OSError, ValueError) as e:
-        raise BalspecError(f"data.teacher_cache: {directory / CACHE_FILE} cannot be read ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise BalspecError(f"data.teacher_cache: {directory / CACHE_FILE} is not a balspec teacher cache "
-                           f"of format {FORMAT}")
+        raise BalspecError(f"{flag}: {directory / CACHE_FILE} cannot be read ({e})") from None
+    keys = ("format", "data", "model_dtype", "mixed_precision", "seed", "blocks", "block_size", "written", "seconds")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or any(k not in meta for k in keys) \
+            or not isinstance(meta["data"], dict):
+        raise BalspecError(f"{flag}: {directory / CACHE_FILE} is not a balspec teacher cache of format {FORMAT}")
     return meta
 
 
@@ -231,57 +207,63 @@ class TeacherCache:
     """A complete cache, opened read-only (memory-mapped) for training: `rows(indices)` gives the blocks."""
 
     def __init__(self, directory: str | Path, model: torch.nn.Module, config: TrainingConfig):
-        """Raises BalspecError: no cache there, an unfinished one, or one made for another base model, data
-        settings or model dtype than `config`'s."""
+        """Raises BalspecError: no cache there, an unfinished or damaged one, or one made for another base
+        model, data settings, model dtype or mixed precision than `config`'s."""
         from balspec.checkpoint import weights_fingerprint
 
         directory = Path(directory)
+        flag = "data.teacher_cache"
         if not (directory / CACHE_FILE).is_file():
-            raise BalspecError(f"data.teacher_cache: {directory} holds no teacher cache (make one with "
+            raise BalspecError(f"{flag}: {directory} holds no teacher cache (make one with "
                                f"`balspec cache-teacher --recipe RECIPE --blocks N --output {directory}`)")
-        meta = _read_meta(directory)
+        meta = _read_meta(directory, flag)
         if meta["written"] < meta["blocks"]:
-            raise BalspecError(f"data.teacher_cache: {directory} is unfinished ({meta['written']} of "
-                               f"{meta['blocks']} blocks); run the same `balspec cache-teacher` again to finish it")
-        if meta["base_model"].get("weights_fingerprint") != weights_fingerprint(model):
-            raise BalspecError(f"data.teacher_cache: {directory} was made with another base model "
-                               f"({meta['base_model'].get('name')}) than model.name {config.model.name}")
-        wanted = {**data_identity(config), "model_dtype": config.model.dtype,
-                  "mixed_precision": config.train.mixed_precision}
-        have = {**meta["data"], "model_dtype": meta["model_dtype"], "mixed_precision": meta["mixed_precision"]}
+            raise BalspecError(f"{flag}: {directory} is unfinished ({meta['written']} of {meta['blocks']} "
+                               "blocks); run the same `balspec cache-teacher` again to finish it")
+        if meta.get("base_model", {}).get("weights_fingerprint") != weights_fingerprint(model):
+            raise BalspecError(f"{flag}: {directory} was made with another base model "
+                               f"({meta.get('base_model', {}).get('name')}) than model.name {config.model.name}")
+        wanted = {**{f"data.{k}": v for k, v in data_identity(config).items()}, "model.dtype": config.model.dtype,
+                  "train.mixed_precision": config.train.mixed_precision}
+        have = {**{f"data.{k}": v for k, v in meta["data"].items()}, "model.dtype": meta["model_dtype"],
+                "train.mixed_precision": meta["mixed_precision"]}
         for key, value in wanted.items():
             if have.get(key) != value:
-                raise BalspecError(f"data.teacher_cache: {directory} was made with {key} {have.get(key)!r}, "
-                                   f"this run has {value!r}")
+                raise BalspecError(f"{flag}: {directory} was made with {key} {have.get(key)!r}, this run has "
+                                   f"{value!r}")
+        names = ["input_ids", "teacher_hidden", "teacher_lse", "teacher_top"]
+        names += ["loss_mask"] if config.data.train_on == "assistant" else []
+        arrays = {}
+        for name in names:
+            try:
+                arrays[name] = np.load(directory / f"{name}.npy", mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise BalspecError(f"{flag}: {directory / (name + '.npy')} cannot be read ({e})") from None
+        shape = (meta["blocks"], meta["block_size"])
+        if any(a.shape[:2] != shape for a in arrays.values()) or arrays["teacher_hidden"].ndim != 3:
+            raise BalspecError(f"{flag}: {directory} is corrupt (its arrays' shapes disagree with "
+                               f"{CACHE_FILE})")
         self.directory, self.meta = directory, meta
-        self.input_ids = np.load(directory / "input_ids.npy", mmap_mode="r")  # [blocks, block]
-        self.teacher_hidden = np.load(directory / "teacher_hidden.npy", mmap_mode="r")  # [blocks, block, hidden]
-        self.teacher_lse = self.teacher_top = None  # a cache of an earlier format: the teacher's head runs
-        if meta.get("stats_written", 0) == meta["written"]:
-            self.teacher_lse = np.load(directory / "teacher_lse.npy", mmap_mode="r")  # [blocks, block]
-            self.teacher_top = np.load(directory / "teacher_top.npy", mmap_mode="r")  # [blocks, block]
-        mask = directory / "loss_mask.npy"
-        self.loss_mask = np.load(mask, mmap_mode="r") if config.data.train_on == "assistant" else None
-        if self.loss_mask is None and mask.exists() or self.loss_mask is not None and not mask.exists():
-            raise BalspecError(f"data.teacher_cache: {directory} is incomplete (loss_mask.npy)")
-        if self.teacher_hidden.shape[:2] != self.input_ids.shape or len(self.input_ids) != meta["blocks"]:
-            raise BalspecError(f"data.teacher_cache: {directory} is corrupt (its arrays' shapes disagree)")
+        self.input_ids, self.teacher_hidden = arrays["input_ids"], arrays["teacher_hidden"]  # [blocks, block(, h)]
+        self.teacher_lse, self.teacher_top = arrays["teacher_lse"], arrays["teacher_top"]  # [blocks, block]
+        self.loss_mask = arrays.get("loss_mask")  # [blocks, block] or None
+        self.dtype = getattr(torch, meta.get("teacher_dtype", "float32"))  # the live teacher's: stored as float32
+        digest = hashlib.sha256(np.ascontiguousarray(self.input_ids[:, :8]).tobytes()).hexdigest()[:16]
+        self.identity = {"blocks": meta["blocks"], "seed": meta["seed"], "ids": digest}  # checked on resume
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def rows(self, indices: list[int]):
-        """A Batch of the cached blocks `indices` with their teacher_hidden."""
+        """A Batch of the cached blocks `indices`: ids [rows, block], teacher_hidden [rows, block, hidden],
+        teacher_lse and teacher_top [rows, block], loss_mask where the run counts some positions only."""
         from balspec.training.data import Batch
 
-        ids = torch.as_tensor(np.asarray(self.input_ids[indices], dtype=np.int64))  # [rows, block]
-        hidden = torch.from_numpy(np.ascontiguousarray(self.teacher_hidden[indices]))  # [rows, block, hidden]
-        hidden = hidden.to(getattr(torch, self.meta.get("teacher_dtype", "float32")))  # the live teacher's dtype
+        ids = torch.as_tensor(np.asarray(self.input_ids[indices], dtype=np.int64))
+        hidden = torch.from_numpy(np.ascontiguousarray(self.teacher_hidden[indices])).to(self.dtype)
+        lse = torch.from_numpy(np.ascontiguousarray(self.teacher_lse[indices]))
+        top = torch.as_tensor(np.asarray(self.teacher_top[indices], dtype=np.int64))
         mask = None if self.loss_mask is None else torch.as_tensor(np.asarray(self.loss_mask[indices]))
-        if self.teacher_lse is None:
-            return Batch(ids, mask, hidden)
-        lse = torch.from_numpy(np.ascontiguousarray(self.teacher_lse[indices]))  # [rows, block]
-        top = torch.as_tensor(np.asarray(self.teacher_top[indices], dtype=np.int64))  # [rows, block]
         return Batch(ids, mask, hidden, lse, top)
 
     def info(self) -> dict:

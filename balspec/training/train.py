@@ -26,7 +26,7 @@ from balspec.generate import control_token_ids
 from balspec.models import load_model
 from balspec.training.config import TrainingConfig
 from balspec.training.data import Batch, CachedBlocks, load_blocks
-from balspec.training.loss import Distiller, ExitLosses, next_token_labels, teacher_forward
+from balspec.training.loss import Distiller, ExitLosses, next_token_labels, teacher_forward, trunk_forward
 from balspec.training.run import (
     CHECKPOINTS,
     METRICS_FILE,
@@ -39,7 +39,7 @@ from balspec.training.run import (
     truncate_metrics,
 )
 from balspec.training.sorted import BaseDistiller, frozen_copy, load_base, needs_original, save_base, trains_base
-from balspec.training.teacher_cache import TeacherCache, trunk_forward
+from balspec.training.teacher_cache import TeacherCache
 from balspec.training.trainstate import load_state, save_state, saved_draft_vocab
 
 log = logging.getLogger(__name__)
