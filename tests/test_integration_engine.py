@@ -57,7 +57,8 @@ def test_shipped_exits_load_and_are_exact():
         full = bm.generate(prompt, mode="full", max_new_tokens=32)
         shipped = bm.generate(prompt, max_new_tokens=32)  # the shipped defaults: speculative, prompt lookup
         assert shipped.token_ids == full.token_ids and shipped.stats.mode == "speculative"
-        for exit_layer, draft_len, width in ((8, 1, 1), (8, "auto", 3), (16, "auto", 1), (24, 3, 2)):
+        for exit_layer, draft_len, width in ((2, 1, 1), (2, 3, 1), (8, 1, 1), (8, "auto", 3), (16, "auto", 1),
+                                             (24, 3, 2)):  # 2: the shipped draft-kind exit
             spec = bm.generate(prompt, mode="speculative", exit=exit_layer, draft_len=draft_len, draft_width=width,
                                max_new_tokens=32)
             assert spec.token_ids == full.token_ids, (exit_layer, draft_len, width)
@@ -66,7 +67,8 @@ def test_shipped_exits_load_and_are_exact():
             spec = bm.generate(prompt, mode="speculative", exit=8, draft_len=draft_len, lookup_len=lookup_len,
                                max_new_tokens=64, eos=False)
             assert spec.token_ids == bm.generate(prompt, mode="full", max_new_tokens=64, eos=False).token_ids
-    assert (bm.defaults["mode"], bm.defaults["exit"], bm.defaults["lookup_len"]) == ("speculative", 8, 3)
+    assert (bm.defaults["mode"], bm.defaults["exit"], bm.defaults["lookup_len"]) == ("speculative", 2, 3)
+    assert bm.exit_modules.kinds[2] == "draft" and bm.exit_modules.sub_model_exits == [8, 12, 16, 20, 24]
     assert 2 in bm.exit_modules.draft_vocab.tolist()  # <|im_end|>, the EOS: stored in the shipped file
 
 
