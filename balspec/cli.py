@@ -278,8 +278,12 @@ def bench(
 
     # the cheap checks first: loading the model and measuring can take minutes
     path = resolve_exits_path(exits_path, model)
-    available = read_meta(path)["exits"]
+    meta = read_meta(path)
+    available = meta["exits"]
     chosen = parse_exits(exits) if exits else list(available)
+    if not exits and (static_cache or compile):  # draft-kind exits run only with the dynamic cache: bench the rest
+        sub_model = [e for e in available if (meta.get("kinds") or {}).get(str(e), "sub-model") != "draft"]
+        chosen = sub_model or chosen  # none: check_options refuses in one line
     bench_lib.check_exits(chosen, available)
     draft_lens = bench_lib.parse_draft_lens(draft_len)
     draft_widths = bench_lib.parse_draft_widths(draft_width, temperature)

@@ -204,6 +204,22 @@ def test_cli_layer_path_generic_runs_the_models_own_layers(monkeypatch, capsys, 
     assert spec["greedy_mismatches"] == 0
 
 
+def test_cli_static_cache_benches_the_sub_model_exits_unless_told(monkeypatch, capsys, exits_dir):
+    """Without --exits, --static-cache benches every exit that static shapes can run (the shipped default exit is
+    draft-kind); a draft-kind exit asked for by name is refused in one line."""
+    home, _ = exits_dir
+    monkeypatch.setenv("BALSPEC_HOME", str(home))
+    model, _ = load_model("tiny-random")
+    mixed = save_exits(attach_exits(model, [2, 4], draft_exits=[2]), model, home / "mixed-exits")
+    assert run_cli(["--static-cache", "--no-early-exit", "--draft-len", "1", "--json"], monkeypatch,
+                   (home, mixed)) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["meta"]["exits"] == [4] and doc["meta"]["static_cache"] is True
+    assert run_cli(["--static-cache", "--exits", "2"], monkeypatch, (home, mixed)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: exit(s) 2: draft-kind exits run only with the dynamic cache") and "\n" not in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--exits", "3"], "error: --exits: 3 not in the exits checkpoint (it has 2,4)"),
     (["--exits", "2", "--draft-len", "0"], "error: --draft-len: draft lengths must lie in 1..64, got 0"),

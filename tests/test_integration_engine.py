@@ -63,8 +63,8 @@ def test_shipped_exits_load_and_are_exact():
                                max_new_tokens=32)
             assert spec.token_ids == full.token_ids, (exit_layer, draft_len, width)
         assert spec.stats.acceptance_rate > 0
-        for lookup_len, draft_len in ((3, 1), (6, "auto")):  # the shipped default's prompt lookup, and a longer one
-            spec = bm.generate(prompt, mode="speculative", exit=8, draft_len=draft_len, lookup_len=lookup_len,
+        for exit_layer, lookup_len, draft_len in ((2, 3, 1), (8, 3, 1), (8, 6, "auto")):  # the shipped default, more
+            spec = bm.generate(prompt, mode="speculative", exit=exit_layer, draft_len=draft_len, lookup_len=lookup_len,
                                max_new_tokens=64, eos=False)
             assert spec.token_ids == bm.generate(prompt, mode="full", max_new_tokens=64, eos=False).token_ids
     assert (bm.defaults["mode"], bm.defaults["exit"], bm.defaults["lookup_len"]) == ("speculative", 2, 3)

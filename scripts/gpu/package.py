@@ -1,7 +1,7 @@
 """Packaging for a lent GPU machine: what must travel, in pieces that fit the device tool's limits.
 
 The device machine reaches no registry and each `run` call carries at most 64 MiB: the repository's working
-tree (tracked and untracked-not-ignored files; the shipped exits alone are 35 MB) plus the paths named in
+tree (tracked and untracked-not-ignored files; the shipped exits alone are 43 MB) plus the paths named in
 `carry`. So everything else the plan needs (the default model's GGUF, the wheels the device image lacks, the
 Spec-Bench questions, the instructions for self-distillation) goes into one tar, split into pieces that each
 fit beside the tree. Calls 1..N-1 stash one piece each in an ignored folder that stays on the warm machine;

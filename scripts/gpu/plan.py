@@ -284,7 +284,8 @@ def count_syncs(bm, cfg: PlanConfig) -> dict:
 
 def bench_chunks(cfg: PlanConfig) -> list[dict]:
     """Highest priority first: the core grid in bf16 then fp32 on both prompt sets, then prompt lookup (bf16, the
-    first exit, k 1 and auto, lookup 0, 3 (the shipped default) and 4, both prompt sets), then CUDA graphs against
+    shipped default exit (draft-kind exit 2 since stop 27) and the first exit, k 1 and auto, lookup 0, 3 (the
+    shipped default) and 4, both prompt sets), then CUDA graphs against
     those eager numbers (bf16, built-in prompts, the first exit, k 1, 2, 4: `--compile cuda-graphs`, which
     captures in milliseconds; torch.compile's "reduce-overhead" would spend minutes compiling), then the rest
     of the grid (k 3,5,6 and width 3: draft lengths 1..6 and auto x widths 1,3 in all)."""
@@ -298,7 +299,8 @@ def bench_chunks(cfg: PlanConfig) -> list[dict]:
             ("w3", dict(draft_lens=[1, 2, 3, 4, 5, 6, "auto"], widths=[3], peers=[], early_exit=False))]
     short = {"bfloat16": "bf16", "float32": "fp32"}
     chunks = [dict(name=f"{short[d]}_{s}_core", dtype=d, prompts=p, **core) for d in cfg.dtypes for s, p in sets]
-    chunks += [dict(name=f"{short[cfg.dtypes[0]]}_{s}_lookup", dtype=cfg.dtypes[0], prompts=p, exits=cfg.exits[:1],
+    lookup_exits = list(dict.fromkeys([shipped_default_exit(cfg), *cfg.exits[:1]]))  # the shipped default first
+    chunks += [dict(name=f"{short[cfg.dtypes[0]]}_{s}_lookup", dtype=cfg.dtypes[0], prompts=p, exits=lookup_exits,
                     draft_lens=[1, "auto"], widths=[1], lookup_lens=[0, 3, 4], peers=[], early_exit=False)
                for s, p in sets]
     chunks.append(dict(name=f"{short[cfg.dtypes[0]]}_builtin_cuda_graphs", dtype=cfg.dtypes[0], prompts=None,
@@ -496,6 +498,13 @@ def latest_checkpoint(output: Path) -> Path | None:
     from balspec.training.run import latest_checkpoint as latest
 
     return latest(output) if output.exists() else None
+
+
+def shipped_default_exit(cfg: PlanConfig) -> int:
+    """The default exit recorded in the shipped exits' balspec.json (defaults.exit; the first exit without one)."""
+    from balspec.checkpoint import read_meta
+
+    return int((read_meta(cfg.shipped_exits or shipped_path()).get("defaults") or {}).get("exit", cfg.exits[0]))
 
 
 def shipped_path() -> str:
