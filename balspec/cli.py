@@ -153,6 +153,11 @@ def export(
     if exit_layer not in meta["exits"]:
         have = ",".join(map(str, meta["exits"]))
         raise BalspecError(f"--exit: {path} has no exit {exit_layer} (it has {have})")
+    if (meta.get("kinds") or {}).get(str(exit_layer)) == "draft":
+        sub_model = [e for e in meta["exits"] if meta["kinds"].get(str(e)) != "draft"]
+        raise BalspecError(f"--exit: exit {exit_layer} is a draft-kind exit (it reads the full model's verified "
+                           "states), so it has no standalone sub-model to export; pick a sub-model exit "
+                           f"({','.join(map(str, sub_model)) or 'the checkpoint has none'})")
     check_output(output, force)
     parse_dtype(dtype)
     hf_model, tokenizer = load_model(model, dtype)

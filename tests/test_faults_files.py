@@ -372,6 +372,20 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_no_partial(env, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_of_a_draft_exit_is_refused_before_loading_the_model(env, tmp_path, monkeypatch, capsys):
+    """A draft-kind exit has no sub-model: one line naming the sub-model exits, and the model is never loaded."""
+    mixed = save_exits(attach_exits(env["model"], [2, 4], draft_exits=[2]), env["model"], tmp_path / "mixed")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the cheap checks")
+
+    monkeypatch.setattr("balspec.models.load_model", no_load)
+    result = run_cli(monkeypatch, capsys, "export", "--exit", "2", "--output", tmp_path / "draft",
+                     "--model", "tiny-random", "--exits-path", mixed)
+    assert_one_line_error(*result, "--exit: exit 2 is a draft-kind exit")
+    assert "pick a sub-model exit (4)" in result[2] and not (tmp_path / "draft").exists()
+
+
 def test_export_partials_of_killed_runs_are_removed_and_only_balspecs(env, tmp_path):
     model, tokenizer = env["model"], env["tokenizer"]
     exits, _ = load_exits(model, env["exits"])
