@@ -103,6 +103,11 @@ def save_exits(exits: Exits, model: nn.Module, path: str | Path, dtype: torch.dt
     return path
 
 
+def exit_kinds(meta: dict) -> dict[int, str]:
+    """Each exit of a checkpoint's balspec.json and its kind, "sub-model" or "draft" (older files: sub-model)."""
+    return {e: meta.get("kinds", {}).get(str(e), "sub-model") for e in meta["exits"]}
+
+
 def read_meta(path: str | Path) -> dict:
     """The checkpoint's `balspec.json`, checked against its schema; a clear error for anything else."""
     path = Path(path)
@@ -242,9 +247,9 @@ def load_exits(model: nn.Module, path: str | Path) -> tuple[Exits, dict]:
         tensors = load_file(path / WEIGHTS_FILE)
     except Exception as e:  # safetensors raises its own error types for damaged headers
         raise BalspecError(f"{path / WEIGHTS_FILE} is corrupt: {e}") from None
-    kinds = meta.get("kinds", {})
     exits = attach_exits(model, meta["exits"], meta.get("norm_init", "final"), "last",
-                         meta.get("balcony_layers", 1), draft_exits=[int(e) for e, v in kinds.items() if v == "draft"],
+                         meta.get("balcony_layers", 1),
+                         draft_exits=[e for e, kind in exit_kinds(meta).items() if kind == "draft"],
                          module=meta.get("module", "layer"))
     exits.layer_init = meta.get("layer_init", "last")
     draft_vocab = tensors.pop(DRAFT_VOCAB_KEY, None)

@@ -143,7 +143,8 @@ def export(
 
         balspec export --exit 12 --exits-path runs/exits --output draft12 --dtype bfloat16 --force
     """
-    from balspec.checkpoint import load_exits, read_meta
+    from balspec.checkpoint import exit_kinds, load_exits, read_meta
+    from balspec.exits import no_sub_model_error
     from balspec.export import check_output, export_submodel
     from balspec.info import resolve_exits_path
     from balspec.models import load_model, parse_dtype
@@ -153,11 +154,9 @@ def export(
     if exit_layer not in meta["exits"]:
         have = ",".join(map(str, meta["exits"]))
         raise BalspecError(f"--exit: {path} has no exit {exit_layer} (it has {have})")
-    if (meta.get("kinds") or {}).get(str(exit_layer)) == "draft":
-        sub_model = [e for e in meta["exits"] if meta["kinds"].get(str(e)) != "draft"]
-        raise BalspecError(f"--exit: exit {exit_layer} is a draft-kind exit (it reads the full model's verified "
-                           "states), so it has no standalone sub-model to export; pick a sub-model exit "
-                           f"({','.join(map(str, sub_model)) or 'the checkpoint has none'})")
+    kinds = exit_kinds(meta)
+    if kinds[exit_layer] == "draft":
+        raise no_sub_model_error(exit_layer, "export", [e for e, kind in kinds.items() if kind == "sub-model"])
     check_output(output, force)
     parse_dtype(dtype)
     hf_model, tokenizer = load_model(model, dtype)
@@ -269,7 +268,7 @@ def bench(
     """
     import shlex
 
-    from balspec.checkpoint import read_meta
+    from balspec.checkpoint import exit_kinds, read_meta
     from balspec.engine.graphs import check_compile
     from balspec.engine.speculative import parse_layer_path
     from balspec.exits import parse_exits
@@ -287,7 +286,7 @@ def bench(
     available = meta["exits"]
     chosen = parse_exits(exits) if exits else list(available)
     if not exits and (static_cache or compile):  # draft-kind exits run only with the dynamic cache: bench the rest
-        sub_model = [e for e in available if (meta.get("kinds") or {}).get(str(e), "sub-model") != "draft"]
+        sub_model = [e for e, kind in exit_kinds(meta).items() if kind == "sub-model"]
         chosen = sub_model or chosen  # none: check_options refuses in one line
     bench_lib.check_exits(chosen, available)
     draft_lens = bench_lib.parse_draft_lens(draft_len)

@@ -187,9 +187,7 @@ class Exits(nn.Module):
     def check_sub_model(self, exit_layer: int, what: str) -> None:
         """Refuse `what` (early-exit, export) for a draft-kind exit: it has no standalone sub-model."""
         if self[exit_layer].kind == "draft":
-            raise BalspecError(f"--exit: exit {exit_layer} is a draft-kind exit (it reads the full model's verified "
-                               f"states), so it has no standalone sub-model for {what}; use it with --mode "
-                               f"speculative, or pick a sub-model exit ({','.join(map(str, self.sub_model_exits))})")
+            raise no_sub_model_error(exit_layer, what, self.sub_model_exits)
 
     @property
     def sub_model_exits(self) -> list[int]:
@@ -328,9 +326,8 @@ def with_control_tokens(draft_vocab: torch.Tensor, control: list[int] | set[int]
     return torch.cat([draft_vocab, torch.tensor(missing, dtype=draft_vocab.dtype)]).sort().values
 
 
-
-
-
-
-
-
+def no_sub_model_error(exit_layer: int, what: str, sub_model_exits: list[int]) -> BalspecError:
+    """The one-line error for `what` (early-exit, export) asked of a draft-kind exit."""
+    return BalspecError(f"--exit: exit {exit_layer} is a draft-kind exit (it reads the full model's verified states), "
+                        f"so it has no standalone sub-model for {what}; use it with --mode speculative, or pick a "
+                        f"sub-model exit ({','.join(map(str, sub_model_exits)) or 'the checkpoint has none'})")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from balspec.checkpoint import DRAFT_VOCAB_KEY, WEIGHTS_FILE, check_base, read_meta, sha256_file
+from balspec.checkpoint import DRAFT_VOCAB_KEY, WEIGHTS_FILE, check_base, exit_kinds, read_meta, sha256_file
 from balspec.errors import BalspecError
 from balspec.measure.report import json_safe
 
@@ -55,7 +55,7 @@ def describe_checkpoint(path: str | Path, model=None) -> dict:
             "base_model_check": None if model is None else "matches",
             "layer_path": None if model is None else _layer_path(model),
             "exits": meta["exits"],
-            "kinds": {str(e): meta.get("kinds", {}).get(str(e), "sub-model") for e in meta["exits"]},
+            "kinds": {str(e): kind for e, kind in exit_kinds(meta).items()},
             "balcony_layers": meta.get("balcony_layers", 1),
             "module": meta.get("module", "layer"),
             "train_base": meta.get("train_base", False),
