@@ -21,6 +21,12 @@ to the shipped exits, the shipped draft vocabulary kept; new defaults chosen ove
     python recipes/package_default_exits.py balspec/default_exits --add runs/draft-exits \
         --bench evals/results/bench_builtin_draft_cpu.json evals/results/bench_specbench_draft_cpu.json
 
+A continued run of an added draft exit in place of the shipped one (the shipped one's record becomes an earlier
+stage of the new one's):
+
+    python recipes/package_default_exits.py balspec/default_exits --add runs/draft-e2-answers --replace \
+        --bench evals/results/bench_builtin14_e2-answers_xeon_cpu.json evals/results/bench_specbench12_e2-answers_xeon_cpu.json
+
 Only new defaults for the exits already shipped (weights, draft vocabulary and training record kept):
 
     python recipes/package_default_exits.py balspec/default_exits \
@@ -114,38 +120,54 @@ def draft_vocabulary(tokenizer, vocab_size: int, size: int, data: list[str], hel
 
 
 def earlier_stages(paths: list[str]) -> list[dict]:
-    """The training records of earlier stages, oldest first: a stage's own earlier stages come before it."""
+    """The training records of earlier stages (balspec.json files), oldest first."""
+    return earlier_stages_of([json.loads(Path(path).read_text()).get("training") or {} for path in paths])
+
+
+def earlier_stages_of(records: list[dict]) -> list[dict]:
+    """Training records, oldest first, as a flat list of stages: a stage's own earlier stages come before it."""
     stages = []
-    for path in paths:
-        training = dict(json.loads(Path(path).read_text()).get("training") or {})
+    for record in records:
+        training = dict(record)
         stages += training.pop("earlier_stages", [])
         stages.append(training)
     return stages
 
 
-def add_exits(model, exits, meta: dict, other_path: str) -> tuple:
+def add_exits(model, exits, meta: dict, other_path: str, replace: bool = False) -> tuple:
     """The exits of `exits` and of the checkpoint at `other_path` in one Exits (same base model, norm and
-    layer init, balcony depth; no exit in both), and the training record: the first checkpoint's, with the
-    other's under "added_exits"."""
+    layer init, balcony depth), and the training record: the first checkpoint's, with the other's under
+    "added_exits". An exit in both is refused unless `replace`: then the other's weights replace an exit added
+    earlier (one recorded under "added_exits"), whose record becomes an earlier stage of the new one's (a
+    continued training run of that exit)."""
     other, other_meta = load_exits(model, other_path)
-    if set(exits.exits) & set(other.exits) or (exits.norm_init, exits.balcony_layers) != \
-            (other.norm_init, other.balcony_layers):
-        raise BalspecError(f"--add: {other_path} must hold other exits than {exits.exits}, with the same norm "
-                           "init and balcony depth")
+    overlap = set(exits.exits) & set(other.exits)
+    if (overlap and not replace) or (exits.norm_init, exits.balcony_layers) != (other.norm_init, other.balcony_layers):
+        raise BalspecError(f"--add: {other_path} must hold other exits than {exits.exits} (or --replace), with the "
+                           "same norm init and balcony depth")
+    training = dict(meta.get("training") or {})
+    added = training.get("added_exits", [])
+    replaced = [entry for entry in added if overlap & set(entry["exits"])]
+    if any(set(entry["exits"]) - overlap for entry in replaced) or \
+            overlap - {e for entry in replaced for e in entry["exits"]}:
+        raise BalspecError(f"--replace: exits {sorted(overlap)} of {other_path} must replace whole earlier "
+                           "--add entries (exits trained in the first checkpoint's own run cannot be replaced)")
     kinds = {**exits.kinds, **other.kinds}
     merged = attach_exits(model, sorted(kinds), exits.norm_init, exits.layer_init, exits.balcony_layers,
                           draft_exits=[e for e, kind in kinds.items() if kind == "draft"])
     with torch.no_grad():
-        for source in (exits, other):
+        for source in (exits, other):  # the other's last: it wins where both have an exit
             for e in source.exits:
                 target = merged[e].state_dict()
                 for name, value in source[e].state_dict().items():
                     target[name].copy_(value)
     merged.draft_vocab = exits.draft_vocab
-    training = dict(meta.get("training") or {})
-    training["added_exits"] = training.get("added_exits", []) + [
-        {"exits": other.exits, "kinds": {str(e): other.kinds[e] for e in other.exits},
-         "training": other_meta.get("training") or {}}]
+    other_training = dict(other_meta.get("training") or {})
+    if replaced:
+        other_training["earlier_stages"] = earlier_stages_of([entry["training"] for entry in replaced]) + \
+            other_training.get("earlier_stages", [])
+    training["added_exits"] = [entry for entry in added if entry not in replaced] + [
+        {"exits": other.exits, "kinds": {str(e): other.kinds[e] for e in other.exits}, "training": other_training}]
     return merged.requires_grad_(False), training
 
 
@@ -160,6 +182,8 @@ def main() -> None:
                         help="jsonl files whose answers are counted: PATH or PATH=WEIGHT")
     parser.add_argument("--vocab-heldout", help="jsonl file of answers to measure the coverage on")
     parser.add_argument("--add", metavar="RUN", help="an exits checkpoint whose exits join those of RUN")
+    parser.add_argument("--replace", action="store_true",
+                        help="with --add: its exits replace earlier added ones of the same layer (a continued run)")
     parser.add_argument("--stage", action="append", default=[], metavar="JSON",
                         help="an earlier training stage to record (balspec.json of its run), repeatable")
     args = parser.parse_args()
@@ -173,7 +197,7 @@ def main() -> None:
         print(f"draft vocabulary: {args.draft_vocab} tokens, {info['heldout_coverage']:.1%} of held-out answers")
     training = meta.get("training") or {}
     if args.add:
-        exits, training = add_exits(model, exits, meta, args.add)
+        exits, training = add_exits(model, exits, meta, args.add, args.replace)
     if args.stage:
         training = {**training, "earlier_stages": earlier_stages(args.stage)}
     save_exits(exits, model, args.output, dtype=torch.bfloat16, training=training, defaults=defaults,

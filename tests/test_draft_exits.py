@@ -256,6 +256,25 @@ def test_packaging_adds_draft_exits_beside_sub_model_exits(tmp_path):
     with pytest.raises(BalspecError, match="other exits"):
         add_exits(model, drafts, {}, str(tmp_path / "drafts"))
 
+    # --replace: a continued run of added exits 1,2 takes their place; their old record becomes its earlier stage
+    with torch.no_grad():
+        drafts[2].fuse.weight.fill_(0.02)
+    save_exits(drafts, model, tmp_path / "continued", training={"steps": 9})
+    again, record = add_exits(model, merged, {"training": training}, str(tmp_path / "continued"), replace=True)
+    assert again.exits == [1, 2, 4, 5] and again.kinds == merged.kinds
+    assert torch.equal(again[2].fuse.weight, drafts[2].fuse.weight) and not torch.equal(again[2].fuse.weight, merged[2].fuse.weight)
+    assert torch.equal(again[5].layers[0].mlp.up_proj.weight, shipped[5].layers[0].mlp.up_proj.weight)
+    assert record["steps"] == 3 and len(record["added_exits"]) == 1
+    assert record["added_exits"][0]["training"] == {"steps": 9, "earlier_stages": [{"steps": 7}]}
+    only_2 = attach_exits(model, [2], draft_exits=[2]).requires_grad_(False)
+    save_exits(only_2, model, tmp_path / "only2", training={"steps": 1})
+    with pytest.raises(BalspecError, match="whole earlier"):  # exit 1 would lose its record
+        add_exits(model, merged, {"training": training}, str(tmp_path / "only2"), replace=True)
+    shipped_5 = attach_exits(model, [5]).requires_grad_(False)
+    save_exits(shipped_5, model, tmp_path / "five", training={"steps": 1})
+    with pytest.raises(BalspecError, match="whole earlier"):  # exit 5 was trained in the shipped run itself
+        add_exits(model, merged, {"training": training}, str(tmp_path / "five"), replace=True)
+
 
 def test_draft_exits_train_over_a_reduced_draft_vocabulary_and_keep_it(tmp_path):
     """loss.draft_vocab: the KL over the vocabulary an exits checkpoint holds, with the EOS and chat-control
