@@ -80,6 +80,11 @@ def generate(prompts: list[str], out: Path, max_new_tokens: int, batch_size: int
     return generated
 
 
+def instruction(line: str) -> str | None:
+    """The first user turn of a chat record (a .jsonl line)."""
+    return next((m["content"] for m in json.loads(line)["messages"] if m["role"] == "user"), None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=1500, help="number of instructions to answer")
@@ -95,7 +100,8 @@ def main() -> None:
                         help="generation dtype (bfloat16: about 2x the tokens/s on a CPU with AMX/AVX512-BF16; "
                              "the answers are then the bf16 model's greedy answers)")
     parser.add_argument("--minutes", type=float, default=None,
-                        help="stop after the batch that passes this many minutes (the answers so far are kept)")
+                        help="stop after the batch that passes this many minutes from the start, model loading included "
+                             "(the answers so far are kept)")
     parser.add_argument("--exclude", type=Path, action="append", default=[],
                         help="a chat .jsonl whose instructions must not be answered here (e.g. a held-out file); "
                              "repeatable")
@@ -106,17 +112,17 @@ def main() -> None:
         sys.exit(f"error: {args.corpus}/train.jsonl not found: run recipes/build_corpus.py first")
     args.output.mkdir(parents=True, exist_ok=True)
     prompts = instructions.build(args.corpus, args.downloads, args.prompts, args.seed)
-    excluded = {json.loads(line)["messages"][0]["content"] for path in args.exclude
-                for line in open(path, encoding="utf-8")}
+    excluded = {instruction(line) for path in args.exclude for line in open(path, encoding="utf-8") if line.strip()}
     if excluded:
         kept = [p for p in prompts if p not in excluded]
         print(f"excluded {len(prompts) - len(kept)} instructions found in {', '.join(map(str, args.exclude))}")
         prompts = kept
     partial = args.output / "answers.jsonl.partial"
     if not args.split_only:
-        deadline = time.time() + 60 * args.minutes if args.minutes else None
+        deadline = time.time() + 60 * args.minutes if args.minutes is not None else None
         generate(prompts, partial, args.max_new_tokens, args.batch_size, args.model, args.dtype, deadline=deadline)
-    records = [line for line in open(partial, encoding="utf-8")]
+    # answers of earlier runs into this directory (or --split-only) are filtered too
+    records = [line for line in open(partial, encoding="utf-8") if instruction(line) not in excluded]
     random.Random(args.seed).shuffle(records)
     held = records[::args.heldout_every]
     train = [r for i, r in enumerate(records) if i % args.heldout_every]

@@ -25,7 +25,7 @@ A continued run of an added draft exit in place of the shipped one (the shipped 
 stage of the new one's):
 
     python recipes/package_default_exits.py balspec/default_exits --add runs/draft-e2-answers --replace \
-        --bench evals/results/bench_builtin14_e2-answers_xeon_cpu.json evals/results/bench_specbench12_e2-answers_xeon_cpu.json
+        --bench evals/results/bench_*e2-answers*_xeon_cpu.json
 
 Only new defaults for the exits already shipped (weights, draft vocabulary and training record kept):
 
@@ -152,6 +152,9 @@ def add_exits(model, exits, meta: dict, other_path: str, replace: bool = False) 
             overlap - {e for entry in replaced for e in entry["exits"]}:
         raise BalspecError(f"--replace: exits {sorted(overlap)} of {other_path} must replace whole earlier "
                            "--add entries (exits trained in the first checkpoint's own run cannot be replaced)")
+    if replaced and set(other.exits) - overlap:
+        raise BalspecError(f"--replace: {other_path} also holds exits {sorted(set(other.exits) - overlap)} that replace "
+                           "nothing; add those in a separate --add (their record would wrongly inherit earlier stages)")
     kinds = {**exits.kinds, **other.kinds}
     merged = attach_exits(model, sorted(kinds), exits.norm_init, exits.layer_init, exits.balcony_layers,
                           draft_exits=[e for e, kind in kinds.items() if kind == "draft"])

@@ -270,6 +270,10 @@ def test_packaging_adds_draft_exits_beside_sub_model_exits(tmp_path):
     save_exits(only_2, model, tmp_path / "only2", training={"steps": 1})
     with pytest.raises(BalspecError, match="whole earlier"):  # exit 1 would lose its record
         add_exits(model, merged, {"training": training}, str(tmp_path / "only2"), replace=True)
+    two_and_3 = attach_exits(model, [1, 2, 3], draft_exits=[1, 2, 3]).requires_grad_(False)
+    save_exits(two_and_3, model, tmp_path / "plus3", training={"steps": 1})
+    with pytest.raises(BalspecError, match="replace nothing"):  # exit 3's record would inherit 1,2's stages
+        add_exits(model, merged, {"training": training}, str(tmp_path / "plus3"), replace=True)
     shipped_5 = attach_exits(model, [5]).requires_grad_(False)
     save_exits(shipped_5, model, tmp_path / "five", training={"steps": 1})
     with pytest.raises(BalspecError, match="whole earlier"):  # exit 5 was trained in the shipped run itself
