@@ -39,7 +39,7 @@ def generate(prompts: list[str], out: Path, max_new_tokens: int, batch_size: int
 
     done = set()
     if out.exists():
-        done = {json.loads(line)["messages"][0]["content"] for line in open(out, encoding="utf-8")}
+        done = {instruction(line) for line in open(out, encoding="utf-8") if line.strip()}
     todo = [p for p in prompts if p not in done]
     model, tokenizer = load_model(model_name, dtype, device)
     tokenizer.padding_side = "left"
