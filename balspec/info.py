@@ -127,11 +127,19 @@ def _draft_vocab(meta: dict | None) -> str:
     return text
 
 
-def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+def _flatten(tree: dict, prefix: str = "", in_list: bool = False) -> list[tuple[str, object]]:
+    """Rows "a.b.c" for nested dicts and "a[i].b" for lists of dicts (earlier training stages, added exits),
+    so no stage record is cut to "...". Inside such list entries a stage's whole recipe ("config") is one
+    row pointing to --json: the table stays readable and the JSON keeps everything."""
     out = []
     for key, value in tree.items():
-        if isinstance(value, dict):
-            out += _flatten(value, f"{prefix}{key}.")
+        if in_list and key == "config" and isinstance(value, dict):
+            out.append((f"{prefix}{key}", "the stage's recipe (balspec info --json)"))
+        elif isinstance(value, dict):
+            out += _flatten(value, f"{prefix}{key}.", in_list)
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            for i, item in enumerate(value):
+                out += _flatten(item, f"{prefix}{key}[{i}].", True)
         else:
             out.append((f"{prefix}{key}", value))
     return out

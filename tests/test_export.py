@@ -247,6 +247,24 @@ def test_info_on_exits_with_a_draft_vocabulary(tmp_path):
     assert "4 tokens, 50.0% of held-out answer tokens" in console.export_text()
 
 
+def test_info_table_flattens_stage_lists_instead_of_cutting_them():
+    # balspec.json keeps earlier stages and added exits as lists of dicts; the table must show their fields
+    # row by row (a long repr was cut to "..."), with a stage's recipe left to --json.
+    from balspec.info import _flatten
+
+    training = {"steps": 10, "config": {"optim": {"lr": 1e-3}},
+                "added_exits": [{"exits": [2], "kinds": {"2": "draft"},
+                                 "training": {"steps": 3000, "config": {"optim": {"lr": 2e-4}},
+                                              "earlier_stages": [{"steps": 10000, "tokens_seen": 10240000}]}}]}
+    rows = dict(_flatten(training))
+    assert rows["config.optim.lr"] == 1e-3  # the top-level recipe stays flattened in full
+    assert rows["added_exits[0].exits"] == [2] and rows["added_exits[0].kinds.2"] == "draft"
+    assert rows["added_exits[0].training.steps"] == 3000
+    assert rows["added_exits[0].training.earlier_stages[0].tokens_seen"] == 10240000
+    assert rows["added_exits[0].training.config"].endswith("(balspec info --json)")
+    assert not any(key.startswith("added_exits[0].training.config.") for key in rows)
+
+
 @pytest.mark.integration
 def test_info_on_the_shipped_exits():
     from balspec.generate import default_exits_path
