@@ -396,12 +396,17 @@ def cache_teacher(
     epochs of self-distillation fit in an hour. The cache takes 4 x hidden
     bytes per token (2.3 KB for SmolLM2-135M: 1M tokens, 2.3 GB). Resumable:
     run the same command again to continue. Prints the cache directory.
+    Caches of several files train as their union: list them all in
+    data.teacher_cache, with data.train naming exactly those files.
 
     Examples:
 
         balspec cache-teacher --recipe recipes/smollm2-135m-draft.yaml --blocks 4000 --output runs/cache-corpus
 
         balspec train --recipe recipes/smollm2-135m-draft.yaml --set data.teacher_cache=runs/cache-corpus
+
+        balspec train --recipe recipes/smollm2-135m-draft-answers5.yaml \
+            --set data.teacher_cache=runs/cache-self6-bf16,runs/cache-self7-bf16,runs/cache-self8-bf16
     """
     from balspec.training.config import resolve_config
     from balspec.training.teacher_cache import build_cache

@@ -225,3 +225,49 @@ def test_cli_builds_a_cache_and_a_bad_one_is_one_line(tmp_path, capsys, monkeypa
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: data.teacher_cache:") and "holds no teacher cache" in err[0]
+
+
+def test_several_caches_train_as_their_union_made_from_exactly_the_files_named(tmp_path):
+    from tests.test_train import TINY_TEXT
+
+    lines = open(TINY_TEXT, encoding="utf-8").read().splitlines(keepends=True)
+    for name, part in (("part1.txt", lines[:30]), ("part2.txt", lines[30:60]), ("held.txt", lines[60:])):
+        (tmp_path / name).write_text("".join(part), encoding="utf-8")
+    held = [f"data.heldout={tmp_path / 'held.txt'}", "data.heldout_blocks=1", "data.block_size=32"]
+    caches = [tc.build_cache(tiny_config(tmp_path / "x", *held, f"data.train={tmp_path / name}"),
+                             tmp_path / f"cache-{name}", 6) for name in ("part1.txt", "part2.txt")]
+    union_sets = [*DRAFT, *held, f"data.train={tmp_path / 'part*.txt'}",
+                  f"data.teacher_cache={caches[0]},{caches[1]}"]
+    config = tiny_config(tmp_path / "run", *union_sets, "train.max_steps=3")
+    assert config.data.teacher_cache == [str(caches[0]), str(caches[1])]
+    model = tiny_model()
+    union = tc.open_cache(config.data.teacher_cache, model, config)
+    assert len(union) == 12
+    one = [tc.TeacherCache(d, model, tiny_config(tmp_path / "x", *held, f"data.train={tmp_path / n}"))
+           for d, n in zip(caches, ("part1.txt", "part2.txt"))]
+    batch = union.rows([7, 0, 11])
+    expected = [one[1].rows([1]), one[0].rows([0]), one[1].rows([5])]
+    for field in ("input_ids", "teacher_hidden", "teacher_lse", "teacher_top"):
+        assert torch.equal(getattr(batch, field), torch.cat([getattr(e, field) for e in expected]))
+
+    run = train(config)
+    record = json.loads((run / "balspec.json").read_text())["training"]
+    assert record["data"]["teacher_cache"] == [str(c) for c in caches] and record["data"]["cached_blocks"] == 12
+
+    with pytest.raises(BalspecError, match="no cache holds .*part3.txt"):  # data.train names a file no cache has
+        (tmp_path / "part3.txt").write_text("".join(lines[:20]), encoding="utf-8")
+        tc.open_cache(config.data.teacher_cache, model, config)
+    (tmp_path / "part3.txt").unlink()
+    with pytest.raises(BalspecError, match="does not name .*part2.txt"):
+        tc.open_cache(config.data.teacher_cache, model, tiny_config(tmp_path / "run", *union_sets,
+                                                                    f"data.train={tmp_path / 'part1.txt'}"))
+    with pytest.raises(BalspecError, match="were both made from"):
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        for f in caches[0].iterdir():
+            (copy / f.name).write_bytes(f.read_bytes())
+        tc.open_cache([str(caches[0]), str(copy)], model, config)
+    with pytest.raises(BalspecError, match="data.heldout: several teacher caches need a held-out file"):
+        tc.open_cache(config.data.teacher_cache, model, tiny_config(tmp_path / "run", *union_sets, "data.heldout=null"))
+    with pytest.raises(BalspecError, match="data.teacher_cache: must be directories listed once each"):
+        tiny_config(tmp_path / "run", *union_sets[:-1], f"data.teacher_cache={caches[0]},{caches[0]}")

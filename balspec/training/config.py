@@ -89,9 +89,11 @@ class DataConfig:
     """Tokens per training sequence: documents are concatenated (EOS between them) and cut into blocks."""
     heldout_blocks: int = 16
     """Blocks used for the per-exit evaluation (0: no evaluation)."""
-    teacher_cache: str | None = None
-    """A directory `balspec cache-teacher` wrote for this data and base model: train on its blocks, reading the
-    full model's hidden states there instead of running the teacher (only trunk layers 1..max(exits) run)."""
+    teacher_cache: list[str] | None = None
+    """Directories `balspec cache-teacher` wrote for this data and base model: train on their blocks, reading the
+    full model's hidden states there instead of running the teacher (only trunk layers 1..max(exits) run). One
+    cache is one made from data.train; several (`a,b,c`) are the union of caches made from one file each, and
+    data.train must name exactly those files (e.g. a glob `data/self[6-9]/train.jsonl`)."""
 
 
 @dataclass
@@ -307,6 +309,10 @@ def validate(config: TrainingConfig) -> None:
         ("data.heldout_blocks", c.data.heldout_blocks >= 0, "0 or more"),
         ("data.shuffle_buffer", c.data.shuffle_buffer >= 0, "0 or more"),
         ("data.train_on", c.data.train_on in TRAIN_ON, f"one of {', '.join(TRAIN_ON)}"),
+        ("data.teacher_cache", c.data.teacher_cache is None or len(c.data.teacher_cache) > 0,
+         "null or at least one directory"),
+        ("data.teacher_cache", c.data.teacher_cache is None or len(set(c.data.teacher_cache)) == len(c.data.teacher_cache),
+         "directories listed once each"),
         ("data.teacher_cache", c.data.teacher_cache is None or not c.data.streaming,
          "null when data.streaming is true (a cache holds packed blocks)"),
         ("data.teacher_cache", c.data.teacher_cache is None or (c.method == "balcony" and not c.exits.train_base),

@@ -21,7 +21,9 @@ from the recipe's data.train:
     teacher_lse.npy      float32 [blocks, block_size]: logsumexp of the teacher's logits (loss.teacher_stats)
     teacher_top.npy      int32 [blocks, block_size]: the teacher's argmax token
 Building it is resumable: run the same command again and it continues after the last batch it recorded.
-Train on it with `--set data.teacher_cache=DIR` (the recipe's data and base model must be the cache's).
+Train on it with `--set data.teacher_cache=DIR` (the recipe's data and base model must be the cache's). Several
+caches, each made from one file, train as their union: `--set data.teacher_cache=A,B,C` with data.train naming
+exactly their files (`open_cache`), so that data gathered in rounds is never sent through the teacher twice.
 """
 
 from __future__ import annotations
@@ -206,9 +208,11 @@ def _read_meta(directory: Path, flag: str) -> dict:
 class TeacherCache:
     """A complete cache, opened read-only (memory-mapped) for training: `rows(indices)` gives the blocks."""
 
-    def __init__(self, directory: str | Path, model: torch.nn.Module, config: TrainingConfig):
+    def __init__(self, directory: str | Path, model: torch.nn.Module, config: TrainingConfig,
+                 part_of_union: bool = False):
         """Raises BalspecError: no cache there, an unfinished or damaged one, or one made for another base
-        model, data settings, model dtype or mixed precision than `config`'s."""
+        model, data settings, model dtype or mixed precision than `config`'s. `part_of_union`: one of several
+        caches (open_cache), whose data.train is one of the files the run's data.train names, checked there."""
         from balspec.checkpoint import weights_fingerprint
 
         directory = Path(directory)
@@ -227,6 +231,8 @@ class TeacherCache:
                   "train.mixed_precision": config.train.mixed_precision}
         have = {**{f"data.{k}": v for k, v in meta["data"].items()}, "model.dtype": meta["model_dtype"],
                 "train.mixed_precision": meta["mixed_precision"]}
+        if part_of_union:
+            del wanted["data.train"]
         for key, value in wanted.items():
             if have.get(key) != value:
                 raise BalspecError(f"{flag}: {directory} was made with {key} {have.get(key)!r}, this run has "
@@ -269,3 +275,69 @@ class TeacherCache:
     def info(self) -> dict:
         return {"teacher_cache": str(self.directory), "cached_blocks": len(self),
                 "cache_tokens_per_s": self.meta.get("tokens_per_s")}
+
+
+class CacheUnion:
+    """Several complete caches trained on as one: block i of the union is block i - offset of the cache it falls
+    in (in the order given). The same interface as TeacherCache: len, rows, identity, info."""
+
+    def __init__(self, caches: list[TeacherCache]):
+        self.caches = caches
+        self.offsets = np.cumsum([0] + [len(c) for c in caches])  # [caches + 1]
+        self.directory = ",".join(str(c.directory) for c in caches)
+        self.identity = {"caches": [c.identity for c in caches]}  # checked on resume
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def rows(self, indices: list[int]):
+        """A Batch of the union's blocks `indices`, in that order (see TeacherCache.rows for the shapes)."""
+        from balspec.training.data import Batch
+
+        parts = []
+        for i in indices:
+            which = int(np.searchsorted(self.offsets, i, side="right")) - 1
+            parts.append(self.caches[which].rows([int(i - self.offsets[which])]))
+        fields = ["input_ids", "loss_mask", "teacher_hidden", "teacher_lse", "teacher_top"]
+        return Batch(*[None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
+                       for f in fields])
+
+    def info(self) -> dict:
+        rates = [c.meta.get("tokens_per_s") for c in self.caches]
+        return {"teacher_cache": [str(c.directory) for c in self.caches], "cached_blocks": len(self),
+                "cache_tokens_per_s": rates}
+
+
+def open_cache(directories: list[str], model: torch.nn.Module, config: TrainingConfig):
+    """The teacher cache data.teacher_cache names: one TeacherCache, or a CacheUnion of several, each made from
+    one of the files data.train names, together exactly those files (in any order).
+
+    Raises BalspecError: as TeacherCache does for any of them, when data.train names files no cache was made
+    from or a cache was made from a file data.train does not name, or when several have no data.heldout."""
+    from balspec.training.data import local_files
+
+    if len(directories) == 1:
+        return TeacherCache(directories[0], model, config)
+    if config.data.heldout is None:  # split off the union, its held-out blocks could be blocks a cache trains on
+        raise BalspecError("data.heldout: several teacher caches need a held-out file; the blocks split off "
+                           "data.train would not be the ones each cache left out")
+    caches = [TeacherCache(d, model, config, part_of_union=True) for d in directories]
+
+    def files(source: str, key: str) -> set[str]:
+        found = local_files(source, key)
+        return {str(Path(f).resolve()) for f in (found or [source])}
+
+    run = files(config.data.train, "data.train")
+    made = {}
+    for cache in caches:
+        for f in files(cache.meta["data"]["train"], f"data.teacher_cache: {cache.directory}'s data.train"):
+            if f in made:
+                raise BalspecError(f"data.teacher_cache: {made[f]} and {cache.directory} were both made from {f}")
+            made[f] = cache.directory
+    if set(made) != run:
+        missing, extra = sorted(run - set(made)), sorted(set(made) - run)
+        said = (f"no cache holds {', '.join(missing)}" if missing else "") + ("; " if missing and extra else "") \
+            + (f"data.train does not name {', '.join(extra)}" if extra else "")
+        raise BalspecError(f"data.teacher_cache: the caches must be made from exactly the files data.train "
+                           f"({config.data.train}) names: {said}")
+    return CacheUnion(caches)

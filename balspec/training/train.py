@@ -39,7 +39,7 @@ from balspec.training.run import (
     truncate_metrics,
 )
 from balspec.training.sorted import BaseDistiller, frozen_copy, load_base, needs_original, save_base, trains_base
-from balspec.training.teacher_cache import TeacherCache
+from balspec.training.teacher_cache import open_cache
 from balspec.training.trainstate import load_state, save_state, saved_draft_vocab
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                                       accelerator.num_processes)  # eval_blocks: all of them, a Batch
     cache = None
     if c.data.teacher_cache is not None:  # its blocks replace data.train's; evaluation still runs the teacher
-        cache = TeacherCache(c.data.teacher_cache, model, c)
+        cache = open_cache(c.data.teacher_cache, model, c)
         blocks = CachedBlocks(cache, c.train.seed, accelerator.process_index, accelerator.num_processes)
 
     output = Path(c.train.output)
