@@ -336,8 +336,8 @@ def open_cache(directories: list[str], model: torch.nn.Module, config: TrainingC
             made[f] = cache.directory
     if set(made) != run:
         missing, extra = sorted(run - set(made)), sorted(set(made) - run)
-        said = (f"no cache holds {', '.join(missing)}" if missing else "") + ("; " if missing and extra else "") \
-            + (f"data.train does not name {', '.join(extra)}" if extra else "")
+        said = [f"no cache holds {', '.join(missing)}"] * bool(missing) \
+            + [f"data.train does not name {', '.join(extra)}"] * bool(extra)
         raise BalspecError(f"data.teacher_cache: the caches must be made from exactly the files data.train "
-                           f"({config.data.train}) names: {said}")
+                           f"({config.data.train}) names: {'; '.join(said)}")
     return CacheUnion(caches)
