@@ -5,7 +5,7 @@ the same product written as W @ x^T, and its matrix-vector kernel (one row) slow
 kernel on two. Measured on this project's 2-core CPU (AMD EPYC, MKL, fp32, weights streamed from memory as
 in a decode step): a SmolLM2 layer's matrices take 0.23 ms per product with F.linear for one row and 0.11 ms
 as W @ [x; x]^T; for two to four rows 0.24-0.30 ms against 0.08-0.16 ms. Whether a machine behaves so is
-measured once per engine (`prefer_skinny`), not assumed, for one row and for several apart: the fast form is
+measured once per engine (`prefer_skinny`, medians of 5 rounds), not assumed, for one row and for several apart: the fast form is
 used only for the row counts where it wins. They can differ: on the 2-core AVX2 VM F.linear's one-row kernel ran
 as fast as W @ [x; x]^T (30 against 34-38 ms over the trunk's matrices) while for two rows it took 53-56 ms
 against 31-38, and a single yes/no over both (the rule before) came out "no" there, leaving every verify on
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import statistics
 import time
 import types
 
@@ -85,27 +86,43 @@ def suspended(module: nn.Module):
 ONE, SEVERAL = frozenset({1}), frozenset(range(2, MAX_ROWS + 1))
 
 
-def prefer_skinny(weights: list[torch.Tensor], repeats: int = 3) -> frozenset[int]:
-    """The row counts for which skinny_linear is clearly faster (by 20%) than F.linear over these weights
-    (streamed, as in a decode step), timed apart for one row (a decode step) and for two and four (a verify),
-    after one untimed round. BALSPEC_SKINNY_MATMUL=0/1 overrides (none / every count up to MAX_ROWS)."""
+# the two forms prefer_skinny times, by the names decide() reads
+FORMS = {"linear": lambda x, w: F.linear(x, w), "skinny": lambda x, w: skinny_linear(x, w)}
+
+
+def prefer_skinny(weights: list[torch.Tensor], repeats: int = 5) -> frozenset[int]:
+    """The row counts for which skinny_linear is clearly faster (by 10%) than F.linear over these weights
+    (streamed, as in a decode step), timed apart for one row (a decode step) and for two and four (a verify):
+    one untimed round, then `repeats` rounds that take every form and row count in turn; `decide` compares
+    the medians. BALSPEC_SKINNY_MATMUL=0/1 overrides (none / every count up to MAX_ROWS)."""
     forced = os.environ.get("BALSPEC_SKINNY_MATMUL")
     if forced in ("0", "1"):
         return ONE | SEVERAL if forced == "1" else frozenset()
     if not weights:
         return frozenset()
     inputs = {(rows, w.shape[1]): torch.randn(rows, w.shape[1], dtype=w.dtype) for rows in (1, 2, 4) for w in weights}
-    totals = {(fn, rows): 0.0 for fn in (F.linear, skinny_linear) for rows in (1, 2, 4)}
+    times: dict[tuple[str, int], list[float]] = {(form, rows): [] for form in FORMS for rows in (1, 2, 4)}
     with torch.inference_mode():
         for round_ in range(repeats + 1):
-            for fn, rows in totals:
+            for form, rows in times:
                 start = time.perf_counter()
                 for w in weights:
-                    fn(inputs[rows, w.shape[1]], w)
+                    FORMS[form](inputs[rows, w.shape[1]], w)
                 if round_:  # the first round warms caches and kernels up
-                    totals[fn, rows] += time.perf_counter() - start
+                    times[form, rows].append(time.perf_counter() - start)
+    return decide(times)
+
+
+def decide(times: dict[tuple[str, int], list[float]], margin: float = 0.9) -> frozenset[int]:
+    """Row counts to run as skinny_linear, from seconds per round {(form, rows): [s, ...]} with form "linear" or
+    "skinny" and rows 1, 2, 4: one row when skinny's median is under `margin` times F.linear's, two to MAX_ROWS
+    when the sum of its medians for 2 and 4 rows is. Medians, not sums: on a shared 2-core VM single rounds
+    run up to twice as long, and with three summed rounds one such outlier flipped the choice between runs (on
+    the AMD EPYC VM of stop 32, one row through F.linear's slow kernel made `full` mode 67 ms a step against
+    50 ms for a two-row verify, and bench's speedups 1.3x too high)."""
+    median = {key: statistics.median(values) for key, values in times.items()}
 
     def wins(counts: tuple[int, ...]) -> bool:
-        return sum(totals[skinny_linear, r] for r in counts) < 0.8 * sum(totals[F.linear, r] for r in counts)
+        return sum(median["skinny", r] for r in counts) < margin * sum(median["linear", r] for r in counts)
 
     return (ONE if wins((1,)) else frozenset()) | (SEVERAL if wins((2, 4)) else frozenset())
