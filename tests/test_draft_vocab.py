@@ -135,3 +135,7 @@ def test_the_few_rows_choice_follows_the_median_round_so_one_slow_round_does_not
     assert skinny.decide(times) == skinny.ONE | skinny.SEVERAL
     slower_one_row = {**times, ("skinny", 1): [0.045, 0.044, 0.046]}  # within 10% of F.linear: keep the library's
     assert skinny.decide(slower_one_row) == skinny.SEVERAL
+    fifteen_percent = {**times, ("skinny", 1): [0.040, 0.040, 0.040]}  # 0.85 of F.linear's 0.047: faster by over 10%
+    assert skinny.decide(fifteen_percent) == skinny.ONE | skinny.SEVERAL
+    with pytest.raises(ValueError, match="at least one timed round"):
+        skinny.prefer_skinny([torch.randn(4, 4)], repeats=0)

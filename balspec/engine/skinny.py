@@ -98,6 +98,8 @@ def prefer_skinny(weights: list[torch.Tensor], repeats: int = 5) -> frozenset[in
     forced = os.environ.get("BALSPEC_SKINNY_MATMUL")
     if forced in ("0", "1"):
         return ONE | SEVERAL if forced == "1" else frozenset()
+    if repeats < 1:
+        raise ValueError(f"prefer_skinny needs at least one timed round, got repeats={repeats}")
     if not weights:
         return frozenset()
     inputs = {(rows, w.shape[1]): torch.randn(rows, w.shape[1], dtype=w.dtype) for rows in (1, 2, 4) for w in weights}
@@ -118,8 +120,9 @@ def decide(times: dict[tuple[str, int], list[float]], margin: float = 0.9) -> fr
     "skinny" and rows 1, 2, 4: one row when skinny's median is under `margin` times F.linear's, two to MAX_ROWS
     when the sum of its medians for 2 and 4 rows is. Medians, not sums: on a shared 2-core VM single rounds
     run up to twice as long, and with three summed rounds one such outlier flipped the choice between runs (on
-    the AMD EPYC VM of stop 32, one row through F.linear's slow kernel made `full` mode 67 ms a step against
-    50 ms for a two-row verify, and bench's speedups 1.3x too high)."""
+    a 2-core AMD EPYC VM one row went through F.linear's slow kernel, which made `full` mode 67 ms a step against
+    50 ms for a two-row verify and bench's speedups 1.3x too high: its `skinny_rows` lacks 1 in
+    evals/results/bench_builtin14_e2-answers5_k12auto_sumrule_epyc_cpu.json)."""
     median = {key: statistics.median(values) for key, values in times.items()}
 
     def wins(counts: tuple[int, ...]) -> bool:
