@@ -7,9 +7,10 @@ in a decode step): a SmolLM2 layer's matrices take 0.23 ms per product with F.li
 as W @ [x; x]^T; for two to four rows 0.24-0.30 ms against 0.08-0.16 ms. Whether a machine behaves so is
 measured once per engine (`prefer_skinny`, medians of 5 rounds), not assumed, for one row and for several
 apart: the fast form is used only for the row counts where it wins. They can differ: on the 2-core AVX2 VM
-F.linear's one-row kernel ran as fast as W @ [x; x]^T (30 against 34-38 ms over the trunk's matrices) while for two rows it took 53-56 ms
-against 31-38, and a single yes/no over both (the rule before) came out "no" there, leaving every verify on
-the slow form (speculation at 0.77x of `full` where it reached 1.15x with the skinny verify).
+F.linear's one-row kernel ran as fast as W @ [x; x]^T (30 against 34-38 ms over the trunk's matrices) while
+for two rows it took 53-56 ms against 31-38, and a single yes/no over both (the rule before) came out "no"
+there, leaving every verify on the slow form (speculation at 0.77x of `full` where it reached 1.15x with the
+skinny verify).
 """
 
 from __future__ import annotations
