@@ -16,6 +16,11 @@ answers (one teacher-forced pass each); --prompts generates them with `full` fir
 on the engine (median of --repeats calls, after warm-up, at a mid-answer position); a policy's predicted time is
 the sum of its cycles' costs, and its predicted speedup the full step's time per token over its own. Not
 priced: the decode loop's own bookkeeping per cycle, the same for every policy.
+
+--datastore FILE adds policies that, where the context has no match, read drafts from a fixed n-gram table of
+the full model's own answers to other instructions (REST-style retrieval; `Datastore`), before the exit drafts:
+    python evals/spec_policy.py --prompts ../shared/data/spec_bench_questions.jsonl --skip 3 --num 26 --exit 2 \
+        --repeats 11 --datastore data/self10/train.jsonl --output evals/results/spec_policy_specbench_other_store10_epyc_cpu.json
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import balspec
@@ -38,6 +44,91 @@ from balspec.models import device_name
 
 SIZES = tuple(range(8, 0, -1))  # n-gram sizes the simulator indexes, so that a policy may choose by match length
 MAX_ROWS = 10  # lookup verifies are timed for 2..MAX_ROWS rows
+HASH_BASE = 1_000_003  # n-gram keys: a polynomial hash mod 2**64, the same in numpy (uint64 wraps) and in Python
+HASH_MASK = (1 << 64) - 1
+
+
+def ngram_key(tokens) -> int:
+    """The key of an n-gram (a sequence of token ids) in Datastore's tables. A collision only costs a wrong
+    proposal, which the verify rejects."""
+    key = 0
+    for token in tokens:
+        key = (key * HASH_BASE + token + 1) & HASH_MASK
+    return key
+
+
+class Datastore:
+    """Drafts read from a fixed body of text (retrieval-based speculation, REST: He et al. 2024, arXiv
+    2311.08252, here as an n-gram table): for every n-gram of `documents` (n in `sizes`, lists of token ids,
+    e.g. the full model's own answers to other instructions), the token that most often followed it. A proposal
+    follows the table greedily from the end of the history, longest matching n first, up to `count` tokens; an
+    n-gram counts only if its most frequent follower came at least `min_count` times and is at least `min_share`
+    of its occurrences. Free to propose (a few dictionary reads per token), so, like prompt lookup, its cycle is
+    a verify alone; it is tried where the context itself has no match.
+
+    Raises ValueError for empty sizes, min_count < 1 or min_share outside (0, 1]."""
+
+    def __init__(self, documents: list[list[int]], sizes: tuple[int, ...] = (4, 3), min_count: int = 2,
+                 min_share: float = 0.5):
+        if not sizes or min(sizes) < 1 or min_count < 1 or not 0 < min_share <= 1:
+            raise ValueError(f"Datastore: sizes {sizes} (each >= 1), min_count {min_count} (>= 1) and "
+                             f"min_share {min_share} (in (0, 1]) are invalid")
+        self.sizes = tuple(sorted(sizes, reverse=True))
+        self.tables: dict[int, dict[int, int]] = {}
+        docs = [np.asarray(d, dtype=np.int64) for d in documents if len(d)]
+        for n in self.sizes:
+            keys, followers = [], []
+            for doc in docs:
+                if len(doc) <= n:
+                    continue
+                key = np.zeros(len(doc) - n, dtype=np.uint64)  # [windows]: the n-gram ending before doc[n:]
+                with np.errstate(over="ignore"):
+                    for j in range(n):
+                        key = key * np.uint64(HASH_BASE) + (doc[j:len(doc) - n + j] + 1).astype(np.uint64)
+                keys.append(key)
+                followers.append(doc[n:])
+            self.tables[n] = _most_frequent(np.concatenate(keys), np.concatenate(followers), min_count,
+                                            min_share) if keys else {}
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self.tables.values())
+
+    def propose(self, history: list[int], count: int) -> list[int]:
+        """Up to `count` tokens that followed the end of `history` (then of history + the tokens proposed so far)
+        in the documents; [] when its last n tokens match no n-gram of the table."""
+        tail = list(history[-self.sizes[0]:])
+        out: list[int] = []
+        while len(out) < count:
+            for n in self.sizes:
+                follower = self.tables[n].get(ngram_key(tail[-n:])) if len(tail) >= n else None
+                if follower is not None:
+                    break
+            else:
+                break
+            out.append(follower)
+            tail.append(follower)
+        return out
+
+
+def _most_frequent(keys, followers, min_count: int, min_share: float) -> dict[int, int]:
+    """{key: its most frequent follower} over (key, follower) pairs [N], N >= 1, kept where that follower's count
+    is >= min_count and >= min_share of the key's pairs."""
+    order = np.lexsort((followers, keys))
+    keys, followers = keys[order], followers[order]
+    new_pair = np.ones(len(keys), dtype=bool)
+    new_pair[1:] = (keys[1:] != keys[:-1]) | (followers[1:] != followers[:-1])
+    first = np.flatnonzero(new_pair)  # one entry per distinct (key, follower), grouped by key
+    counts = np.diff(np.append(first, len(keys)))
+    pair_keys, pair_followers = keys[first], followers[first]
+    by_count = np.lexsort((-counts, pair_keys))  # within a key, the most frequent follower first
+    pair_keys, pair_followers, counts = pair_keys[by_count], pair_followers[by_count], counts[by_count]
+    new_key = np.ones(len(pair_keys), dtype=bool)
+    new_key[1:] = pair_keys[1:] != pair_keys[:-1]
+    starts = np.flatnonzero(new_key)
+    totals = np.add.reduceat(counts, starts)
+    best = counts[starts]
+    keep = (best >= min_count) & (best >= min_share * totals)
+    return dict(zip(pair_keys[starts][keep].tolist(), pair_followers[starts][keep].tolist()))
 
 
 @dataclass
@@ -175,12 +266,16 @@ class Policy:
     probe: int = 8
     extend: int = 0
     confirm: bool = False  # where the context proposes, the exit drafts too: lookup if it agrees, else its own draft
+    store: str = ""  # where the context has no match: the datastore of this name (--datastore) proposes
+    store_len: int = 0  # the most tokens it proposes
+    store_confirm: bool = False  # the exit drafts too, and the datastore's chain is verified only if d_1 agrees
 
 
-def simulate(policy: Policy, answers: list[Answer], cost: dict) -> dict:
-    """Predicted seconds and cycles of `policy` over the answers, and the full model's seconds for them."""
+def simulate(policy: Policy, answers: list[Answer], cost: dict, stores: dict | None = None) -> dict:
+    """Predicted seconds and cycles of `policy` over the answers, and the full model's seconds for them.
+    `stores`: name -> lookup.Datastore, for policies with a datastore."""
     seconds = baseline = 0.0
-    cycles = tokens = lookup_cycles = lookup_tokens = exit_cycles = 0
+    cycles = tokens = lookup_cycles = lookup_tokens = exit_cycles = store_cycles = store_tokens = 0
     sizes = tuple(n for n, _ in policy.lengths)
     length = dict(policy.lengths)
     uses_exit = policy.k > 0
@@ -193,7 +288,18 @@ def simulate(policy: Policy, answers: list[Answer], cost: dict) -> dict:
             left = A - 1 - i
             n, where = index.match(sizes) if sizes else (0, -1)
             proposal = index.tokens[where:where + min(length.get(n, 0), left - 1)] if n else []
-            if proposal and policy.confirm and proposal[0] != a.exit_choice[i]:  # the exit disagrees: its draft
+            stored = stores[policy.store].propose(index.tokens, min(policy.store_len, left - 1)) \
+                if policy.store and not proposal else []
+            if stored and policy.store_confirm and stored[0] != a.exit_choice[i]:
+                stored = []  # the exit's own draft cycle below
+            if stored:
+                if policy.store_confirm:
+                    seconds += cost["exit_1"] - cost["verify_2"]
+                emitted = _prefix(stored, a.answer[i + 1:]) + 1
+                seconds += cost[f"lookup_{len(stored) + 1}" if uses_exit else f"verify_{len(stored) + 1}"]
+                store_cycles += 1
+                store_tokens += emitted - 1
+            elif proposal and policy.confirm and proposal[0] != a.exit_choice[i]:  # the exit disagrees: its draft
                 emitted = 1 + a.exit_right[i]
                 seconds += cost["exit_1"]
                 exit_cycles += 1
@@ -240,7 +346,8 @@ def simulate(policy: Policy, answers: list[Answer], cost: dict) -> dict:
         baseline += (A - 1) * cost["full"]
     return {"policy": policy.name, "speedup": baseline / seconds, "tokens_per_cycle": tokens / cycles,
             "lookup_cycles": lookup_cycles, "lookup_tokens_per_cycle": lookup_tokens / max(lookup_cycles, 1),
-            "exit_cycles": exit_cycles, "cycles": cycles}
+            "exit_cycles": exit_cycles, "cycles": cycles, "store_cycles": store_cycles,
+            "store_tokens_per_cycle": store_tokens / max(store_cycles, 1)}
 
 
 def _prefix(drafts: list[int], truth: list[int]) -> int:
@@ -288,6 +395,31 @@ def policies() -> list[Policy]:
     return out
 
 
+STORE_GRID = [((4, 3), 1), ((4, 3), 2), ((4, 3), 4), ((4, 3, 2), 2), ((4, 3, 2), 4), ((5, 4, 3), 2)]
+STORE_SHARES = (0.4, 0.6, 0.8)
+
+
+def datastores(bm, paths: list[str]) -> dict:
+    """name -> lookup.Datastore over the assistant answers of the JSONL files (each answer + end of turn), one
+    per setting of STORE_GRID x STORE_SHARES."""
+    docs = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            text = json.loads(line)["messages"][1]["content"]
+            docs.append(bm.tokenizer(text, add_special_tokens=False)["input_ids"] + [bm.tokenizer.eos_token_id])
+    print(f"datastore: {len(docs)} answers, {sum(map(len, docs))} tokens", file=sys.stderr)
+    return {f"{','.join(map(str, sizes))} count>={count} share>={share}": Datastore(docs, sizes, count, share)
+            for sizes, count in STORE_GRID for share in STORE_SHARES}
+
+
+def store_policies(stores: dict) -> list[Policy]:
+    """The shipped context lookup, then each datastore, then the exit's k=1 draft."""
+    shipped = ((4, 3), (3, 3), (2, 3))
+    return [Policy(f"lookup 4,3,2:3, else store [{name}]:{length}{' if d_1 agrees' if confirm else ''}, "
+                   "else exit k=1", shipped, k=1, store=name, store_len=length, store_confirm=confirm)
+            for name in stores for length in (1, 2, 4) for confirm in (False, True)]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
@@ -301,6 +433,8 @@ def main(argv=None) -> None:
     parser.add_argument("--exits-path", default=None,
                         help="exits checkpoint holding --exit (default: the shipped exits)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per kind of cycle")
+    parser.add_argument("--datastore", action="append", default=[],
+                        help="JSONL of {messages: [user, assistant]} whose answers make the datastores tried")
     parser.add_argument("--output", help="write the result as JSON here")
     args = parser.parse_args(argv)
     bm = balspec.load(exits=args.exits_path)
@@ -310,11 +444,14 @@ def main(argv=None) -> None:
     ids, answer = pairs[0]
     cost = cycle_costs(bm, ids + answer[:len(answer) // 2], args.exit, args.repeats)
     print("cycle costs (x full step): " + "  ".join(f"{k} {v / cost['full']:.2f}" for k, v in cost.items()))
-    exact = [p for p in policies() if p.k <= 1 or not bm.engine.is_draft_kind(args.exit)]  # see first_drafts
-    rows = sorted((simulate(p, answers, cost) for p in exact), key=lambda r: -r["speedup"])
+    stores = datastores(bm, args.datastore) if args.datastore else {}
+    grid = policies() + store_policies(stores)
+    exact = [p for p in grid if p.k <= 1 or not bm.engine.is_draft_kind(args.exit)]  # see first_drafts
+    rows = sorted((simulate(p, answers, cost, stores) for p in exact), key=lambda r: -r["speedup"])
     for r in rows:
         print(f"{r['speedup']:5.2f}x  {r['tokens_per_cycle']:.2f} tok/cycle  lookup {r['lookup_cycles']:5d} cycles "
-              f"({r['lookup_tokens_per_cycle']:.2f} accepted)  exit {r['exit_cycles']:5d}  {r['policy']}")
+              f"({r['lookup_tokens_per_cycle']:.2f} accepted)  store {r['store_cycles']:5d} "
+              f"({r['store_tokens_per_cycle']:.2f})  exit {r['exit_cycles']:5d}  {r['policy']}")
     positions = sum(len(a.answer) - 1 for a in answers)
     exit_top1 = sum(sum(a.exit_right) for a in answers) / positions
     print(f"{len(answers)} answers, {positions} positions, exit {args.exit} top-1 {exit_top1:.3f}", file=sys.stderr)

@@ -83,3 +83,28 @@ def test_replay_of_a_draft_kind_exit_predicts_the_engines_k1_cycles():
         # the run's first cycle drafts after the prefill's token; the replay starts there too
         assert sim["cycles"] == spec.stats.cycles and sim["cycles"] * sim["tokens_per_cycle"] == len(out) - 1
         assert round(sim["tokens_per_cycle"] * sim["cycles"]) - sim["cycles"] == spec.stats.accepted
+
+
+def test_the_datastore_proposes_the_most_frequent_follower_chained_and_within_its_thresholds():
+    docs = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7], [9, 2, 3, 4, 5, 6], [1, 2, 3, 4, 8]]
+    store = sp.Datastore(docs, sizes=(4, 3), min_count=2, min_share=0.5)
+    # "1 2 3 4" -> 5 (2 of 3), then "2 3 4 5" -> 6 (2 of 3); "3 4 5 6" was never followed
+    assert store.propose([0, 1, 2, 3, 4], 3) == [5, 6]
+    assert store.propose([2, 3, 4], 1) == [5]  # the 3-gram "2 3 4": 5 four times of five
+    assert store.propose([7, 7], 3) == [] and store.propose([1, 2, 3, 4], 0) == []
+    assert sp.Datastore(docs, sizes=(4,), min_count=2, min_share=0.7).propose([1, 2, 3, 4], 2) == []  # 2/3 < 0.7
+    assert sp.Datastore(docs, sizes=(4,), min_count=3, min_share=0.5).propose([1, 2, 3, 4], 2) == []  # 2 < 3
+
+
+def test_a_datastore_draft_is_read_only_where_the_context_has_none_and_priced_as_a_lookup():
+    # the context "9 1 2 3 4 5" has no match for the pending "7"; the store continues "7" with 8 9
+    a = sp.Answer(prompt=[9, 1, 2, 3, 4, 5], answer=[7, 8, 9, 6], exit_right=[False] * 3, exit_top=[0.9] * 3,
+                  exit_choice=[0] * 3)
+    stores = {"s": sp.Datastore([[7, 8, 9, 0]] * 2, sizes=(1,), min_count=1, min_share=0.5)}
+    costs = {**COSTS, "lookup_3": 1.5}
+    out = sp.simulate(sp.Policy("store", ((4, 3),), k=1, store="s", store_len=2), [a], costs, stores)
+    assert (out["store_cycles"], out["store_tokens_per_cycle"], out["cycles"]) == (1, 2.0, 1)
+    assert out["speedup"] == 3 / 1.5  # 8, 9 accepted and the bonus 6, for one 3-row verify
+    confirm = sp.simulate(sp.Policy("store", ((4, 3),), k=1, store="s", store_len=2, store_confirm=True), [a],
+                          costs, stores)
+    assert confirm["store_cycles"] == 0 and confirm["exit_cycles"] == confirm["cycles"] == 2  # d_1 (0) disagreed
