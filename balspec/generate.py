@@ -45,6 +45,7 @@ class GenerationStats:
     lookup_drafted: int = 0  # of `drafted`, those read from the context
     lookup_accepted: int = 0  # of `accepted`, those read from the context
     seconds: float = 0.0  # wall time of prefill + decoding, device-synchronised
+    prefill_seconds: float = 0.0  # of `seconds`, time to first token: the prompt's pass and the first token
 
     # Counting convention (the same in `generate` and `bench`): only what reaches the output counts. In the
     # cycle where the output ends (EOS or a stop string among accepted drafts), the drafts after the end
@@ -67,12 +68,21 @@ class GenerationStats:
 
     @property
     def tokens_per_second(self) -> float:
+        """New tokens / seconds, prefill included (end to end)."""
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """Tokens after the first / seconds after the first token: the decode rate alone (the inverse of
+        vLLM's time per output token), which is what speculation changes; None for a one-token output."""
+        decode_s = self.seconds - self.prefill_seconds
+        return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else None
 
     def to_dict(self) -> dict:
         return {**asdict(self), "acceptance_rate": self.acceptance_rate,
                 "lookup_acceptance_rate": self.lookup_acceptance_rate,
-                "mean_accepted_length": self.mean_accepted_length, "tokens_per_second": self.tokens_per_second}
+                "mean_accepted_length": self.mean_accepted_length, "tokens_per_second": self.tokens_per_second,
+                "decode_tokens_per_second": self.decode_tokens_per_second}
 
 
 @dataclass
@@ -233,7 +243,8 @@ class BalconyModel:
         prompt = torch.tensor([ids], device=self.device)  # [1, P]
         sync_device(self.device)
         t0 = time.perf_counter()
-        first = choose(engine.prefill(prompt, mode, exit_layer), sampling, generator).item()
+        first = choose(engine.prefill(prompt, mode, exit_layer), sampling, generator).item()  # .item(): synced
+        stats.prefill_seconds = time.perf_counter() - t0
         stopper.add([first])
         lookup = NgramLookup(ids + [first]) if mode == "speculative" and lookup_len else None
         callback_s = 0.0  # time spent in on_cycle (printing) is not decoding time

@@ -96,7 +96,8 @@ def print_generation_stats(stats, baseline=None, identical: bool | None = None) 
              + (f" draft-len {stats.draft_len}" if stats.draft_len is not None else "")
              + (f" width {stats.draft_width}" if (stats.draft_width or 1) > 1 else "")
              + (f" lookup-len {stats.lookup_len}" if stats.lookup_len else ""),
-             f"{stats.new_tokens} tokens in {stats.seconds:.2f} s = {stats.tokens_per_second:.1f} tok/s"]
+             f"{stats.new_tokens} tokens in {stats.seconds:.2f} s (the first after {stats.prefill_seconds:.2f} s) = "
+             f"{stats.tokens_per_second:.1f} tok/s"]
     if stats.acceptance_rate is not None:
         parts.append(f"acceptance {stats.acceptance_rate:.1%}, {stats.mean_accepted_length:.2f} tokens/cycle")
     if stats.lookup_len:
@@ -104,6 +105,9 @@ def print_generation_stats(stats, baseline=None, identical: bool | None = None) 
                      + (f" (acceptance {stats.lookup_acceptance_rate:.1%})" if stats.lookup_drafted else ""))
     if baseline is not None:
         parts.append(f"full mode {baseline.tokens_per_second:.1f} tok/s, "
-                     f"speedup {stats.tokens_per_second / baseline.tokens_per_second:.2f}x, "
+                     f"speedup {stats.tokens_per_second / baseline.tokens_per_second:.2f}x"
+                     + (f" ({stats.decode_tokens_per_second / baseline.decode_tokens_per_second:.2f}x after the first "
+                        "token)" if stats.decode_tokens_per_second and baseline.decode_tokens_per_second else "")
+                     + ", "
                      f"{'identical' if identical else 'DIFFERENT'} output")
     err.print("[dim]" + " | ".join(parts) + "[/dim]")

@@ -22,7 +22,8 @@ from balspec.tiny import tiny_model, tiny_tokenizer
 PROMPTS = PromptSet("test", [Prompt("1", "math", "What is 2 + 2?"), Prompt("2", "writing", "Write a haiku."),
                              Prompt("3", "math", "Solve x + 1 = 3.")])
 RESULT_KEYS = {"mode", "name", "exit", "draft_len", "acceptance_rate", "mean_accepted_length", "accepted_hist",
-               "tokens_per_second", "speedup", "greedy_mismatches", "cost_model", "per_category"}
+               "tokens_per_second", "speedup", "ttft_s", "decode_tokens_per_second", "decode_speedup",
+               "greedy_mismatches", "cost_model", "per_category"}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,41 @@ def test_lookup_share_and_acceptance_pool_over_prompts():
     assert _lookup(s) == "40%, 0.43"
     plain = summarize([Run(p, [1] * 8, 1.0, 4, 3, [1, 0, 1, 1], 8)])
     assert plain.lookup_share is None and plain.lookup_acceptance_rate is None and _lookup(plain) == ""
+
+
+def test_decode_speedup_counts_the_tokens_and_seconds_after_the_first():
+    """Prefill time is the same work in every mode; the decode rate leaves it out: (tokens - 1) / (seconds after the
+    first token), totals over prompts. Here speculation halves the decode time and not the prefill."""
+    p = PROMPTS.prompts[0]
+    base = [Run(p, [1] * 9, 5.0, prefill_seconds=1.0, decode_seconds=4.0),
+            Run(p, [1] * 5, 3.0, prefill_seconds=1.0, decode_seconds=2.0)]
+    spec = [Run(p, [1] * 9, 3.0, prefill_seconds=1.0, decode_seconds=2.0),
+            Run(p, [1] * 5, 2.0, prefill_seconds=1.0, decode_seconds=1.0)]
+    s = summarize(spec, base)
+    assert s.ttft_s == 1.0 and s.decode_tokens_per_second == 12 / 3.0
+    assert s.decode_speedup == pytest.approx(2.0) and s.speedup == pytest.approx(14 / 5 / (14 / 8))
+    peer = summarize([Run(p, [1] * 9, 2.0)], base)  # transformers' generate(): its first token is not timed
+    assert peer.ttft_s is None and peer.decode_speedup is None and peer.speedup == pytest.approx(9 / 2 / (14 / 8))
+
+
+def test_bench_reports_time_to_first_token_within_each_runs_seconds(report):
+    base = report.baseline.summary
+    assert 0 < base.ttft_s < base.seconds / base.prompts and base.decode_tokens_per_second > 0
+    for r in report.results:
+        if r.setting.mode == "peer":
+            assert r.summary.decode_speedup is None
+        else:
+            assert r.summary.ttft_s > 0 and r.summary.decode_speedup > 0
+
+
+def test_generation_stats_split_prefill_from_decoding(bm):
+    out = bm.generate([5, 6, 7, 8], mode="speculative", exit=3, draft_len=2, max_new_tokens=12, eos=False)
+    s = out.stats
+    assert 0 < s.prefill_seconds < s.seconds
+    assert s.decode_tokens_per_second == pytest.approx(11 / (s.seconds - s.prefill_seconds))
+    assert out.to_dict()["stats"]["decode_tokens_per_second"] == s.decode_tokens_per_second
+    one = bm.generate([5, 6, 7, 8], mode="full", max_new_tokens=1, eos=False).stats
+    assert one.decode_tokens_per_second is None  # no token after the first
 
 
 def test_early_exit_and_peers(report):

@@ -73,6 +73,8 @@ class Run:
     lookup_cycles: int = 0  # cycles that verified drafts read from the context
     lookup_drafted: int = 0
     lookup_accepted: int = 0
+    prefill_seconds: float | None = None  # balspec's own modes: time to first token, within `seconds`
+    decode_seconds: float | None = None  # ... and the decoding after it (GenerationStats.seconds - prefill)
 
 
 @dataclass
@@ -83,7 +85,10 @@ class Summary:
     new_tokens: int
     seconds: float
     tokens_per_second: float
-    speedup: float | None = None  # over the baseline on the same prompts
+    speedup: float | None = None  # over the baseline on the same prompts, end to end (prefill included)
+    ttft_s: float | None = None  # mean time to first token (the prompt's pass): balspec's modes only
+    decode_tokens_per_second: float | None = None  # tokens after the first / seconds after it
+    decode_speedup: float | None = None  # decode_tokens_per_second over the baseline's, on the same prompts
     acceptance_rate: float | None = None
     mean_accepted_length: float | None = None  # tau: tokens per cycle, bonus included
     accepted_hist: list[int] | None = None  # [n] = cycles that accepted n drafts
@@ -307,7 +312,7 @@ def decode(bm, setting: Setting, prompt_ids: list[int], prompt: Prompt, opts: Be
     seconds = time.perf_counter() - t0
     s = out.stats
     return Run(prompt, list(out.token_ids), seconds, s.drafted, s.accepted, list(s.accepted_lengths), s.cycle_tokens,
-               s.lookup_cycles, s.lookup_drafted, s.lookup_accepted)
+               s.lookup_cycles, s.lookup_drafted, s.lookup_accepted, s.prefill_seconds, s.seconds - s.prefill_seconds)
 
 
 def decode_peer(bm, setting: Setting, prompt_ids: list[int], prompt: Prompt, opts: BenchOptions,
@@ -350,9 +355,15 @@ def summarize(runs: list[Run], baseline: list[Run] | None = None, compare: bool 
     seconds = sum(r.seconds for r in runs)
     tps = tokens / seconds if seconds > 0 else 0.0
     summary = Summary(len(runs), tokens, seconds, tps)
+    if runs and all(r.prefill_seconds is not None for r in runs):
+        summary.ttft_s = sum(r.prefill_seconds for r in runs) / len(runs)
+        summary.decode_tokens_per_second = _decode_rate(runs)
     if baseline is not None:
         base_tokens, base_seconds = sum(len(r.token_ids) for r in baseline), sum(r.seconds for r in baseline)
         summary.speedup = tps / (base_tokens / base_seconds) if base_tokens and base_seconds > 0 else None
+        base_rate = _decode_rate(baseline) if all(r.prefill_seconds is not None for r in baseline) else None
+        if summary.decode_tokens_per_second and base_rate:
+            summary.decode_speedup = summary.decode_tokens_per_second / base_rate
         if compare:
             summary.greedy_mismatches = sum(r.token_ids != b.token_ids for r, b in zip(runs, baseline))
             compared = sum(agreeing_tokens(r.token_ids, b.token_ids) for r, b in zip(runs, baseline))
@@ -369,6 +380,13 @@ def summarize(runs: list[Run], baseline: list[Run] | None = None, compare: bool 
             summary.lookup_share = sum(r.lookup_cycles for r in runs) / len(lengths)
             summary.lookup_acceptance_rate = sum(r.lookup_accepted for r in runs) / lookup_drafted
     return summary
+
+
+def _decode_rate(runs: list[Run]) -> float | None:
+    """Tokens after each run's first / the seconds after it, totals over the runs."""
+    tokens = sum(max(len(r.token_ids) - 1, 0) for r in runs)
+    seconds = sum(r.decode_seconds for r in runs)
+    return tokens / seconds if tokens and seconds > 0 else None
 
 
 def agreeing_tokens(tokens: list[int], reference: list[int]) -> int:

@@ -4,8 +4,10 @@ The JSON document (`to_json`) is the contract that scripts read:
 {"meta": {...}, "baseline": {"mode": "full", "tokens_per_second", ...},
  "results": [{"mode", "name", "exit", "draft_len", "draft_width", "lookup_len", "acceptance_rate",
               "mean_accepted_length", "accepted_hist", "lookup_share", "lookup_acceptance_rate",
-              "tokens_per_second", "speedup", "greedy_mismatches", "mismatches_per_1000_tokens", "cost_model",
-              "per_category"}, ...]}
+              "tokens_per_second", "speedup", "ttft_s", "decode_tokens_per_second", "decode_speedup",
+              "greedy_mismatches", "mismatches_per_1000_tokens", "cost_model", "per_category"}, ...]}
+"speedup" is end to end (prefill included); "decode_speedup" counts the tokens after the first against the time
+after it, which is all that speculation changes (peers: null, their time to first token is not measured).
 """
 
 from __future__ import annotations
@@ -60,9 +62,10 @@ def print_tables(report: BenchReport, console=None) -> None:
                         f"{meta['prompts']['count']} prompts ({meta['prompts']['source']}), "
                         f"<= {meta['max_new_tokens']} new tokens, temperature {meta['temperature']}")
     for name in ("mode", "exit", "k", "w", "accept", "lookup (cycles, accept)", "tau", "hist (cycles by accepted 0..k)",
-                 "tok/s", "speedup", "bound", "eff", "accept for 1.5x", "mismatch"):
+                 "tok/s", "speedup", "decode", "bound", "eff", "accept for 1.5x", "mismatch"):
         table.add_column(name, justify="left" if name.startswith(("mode", "hist")) else "right")
-    table.add_row("full (baseline)", *[""] * 7, f"{base.tokens_per_second:.1f}", "1.00x", *[""] * 4)
+    table.add_row("full (baseline)", *[""] * 7, f"{base.tokens_per_second:.1f}", "1.00x",
+                  "1.00x" if base.decode_tokens_per_second else "", *[""] * 4)
     for r in report.results:
         s, c = r.summary, r.cost_model
         mismatch = "" if s.greedy_mismatches is None else str(s.greedy_mismatches)
@@ -73,8 +76,11 @@ def print_tables(report: BenchReport, console=None) -> None:
         table.add_row(name, _text(r.setting.exit), _text(r.setting.draft_len), width,
                       _num(s.acceptance_rate, "{:.2f}"), _lookup(s), _num(s.mean_accepted_length, "{:.2f}"),
                       _hist(s.accepted_hist), f"{s.tokens_per_second:.1f}", _num(s.speedup, "{:.2f}x"),
-                      _num(c.bound if c else None, "{:.2f}x"), _num(c.efficiency if c else None, "{:.0%}"),
+                      _num(s.decode_speedup, "{:.2f}x"), _num(c.bound if c else None, "{:.2f}x"), _num(c.efficiency if c else None, "{:.0%}"),
                       _needed(c), mismatch)
+    if base.ttft_s is not None:
+        table.caption = (f"speedup: end to end; decode: after the first token (what speculation changes); "
+                         f"mean time to first token {base.ttft_s:.2f} s in full mode")
     console.print(table)
     categories = list(report.baseline.per_category)
     if len(categories) > 1:
