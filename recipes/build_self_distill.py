@@ -9,7 +9,9 @@ easier (lower entropy) and differently distributed. So the training contexts her
 answers to a mix of instructions, written as chat records {"messages": [user, assistant]} that
 `balspec train` renders with the model's chat template (its default system prompt included, as at
 generation time). The instructions come from recipes/instructions.py (openly licensed text and templates;
-none from the benchmark prompt sets). Generation is batched (left padding) and appends to a partial file,
+none from the benchmark prompt sets), or, with --instructions, from a prompt file of your own (any format
+`balspec bench --prompts` reads: your traffic's prompts are the best match for what the exits must predict).
+Generation is batched (left padding) and appends to a partial file,
 so an interrupted run resumes.
 """
 
@@ -85,6 +87,25 @@ def instruction(line: str) -> str | None:
     return next((m["content"] for m in json.loads(line)["messages"] if m["role"] == "user"), None)
 
 
+def own_instructions(path: Path, skip_per_category: int) -> list[str]:
+    """The prompt texts of a prompt file (balspec.measure.prompts' formats), without the first `skip_per_category`
+    of each category, in file order; exits with one line for an unreadable file."""
+    from balspec.errors import BalspecError
+    from balspec.measure.prompts import load_prompts
+
+    try:
+        loaded = load_prompts(str(path)).prompts
+    except BalspecError as e:
+        sys.exit(f"error: --instructions: {e}")
+    rank: dict[str, int] = {}
+    kept = []
+    for prompt in loaded:
+        rank[prompt.category] = rank.get(prompt.category, 0) + 1
+        if rank[prompt.category] > skip_per_category:
+            kept.append(prompt.text)
+    return list(dict.fromkeys(kept))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=1500, help="number of instructions to answer")
@@ -105,13 +126,22 @@ def main() -> None:
     parser.add_argument("--exclude", type=Path, action="append", default=[],
                         help="a chat .jsonl whose instructions must not be answered here (e.g. a held-out file); "
                              "repeatable")
+    parser.add_argument("--instructions", type=Path, default=None,
+                        help="answer the first turns of this prompt file (a format `balspec bench --prompts` reads) "
+                             "instead of recipes/instructions.py's mix; --prompts caps their number")
+    parser.add_argument("--skip-per-category", type=int, default=0,
+                        help="--instructions: leave out the first N prompts of each category (those `balspec bench "
+                             "--num-prompts` takes first, to bench on prompts never trained on)")
     parser.add_argument("--split-only", action="store_true",
                         help="generate nothing more: split the answers written so far into train/heldout")
     args = parser.parse_args()
-    if not (args.corpus / "train.jsonl").exists():
+    if args.instructions is not None:
+        prompts = own_instructions(args.instructions, args.skip_per_category)[:args.prompts]
+    elif not (args.corpus / "train.jsonl").exists():
         sys.exit(f"error: {args.corpus}/train.jsonl not found: run recipes/build_corpus.py first")
+    else:
+        prompts = instructions.build(args.corpus, args.downloads, args.prompts, args.seed)
     args.output.mkdir(parents=True, exist_ok=True)
-    prompts = instructions.build(args.corpus, args.downloads, args.prompts, args.seed)
     excluded = {instruction(line) for path in args.exclude for line in open(path, encoding="utf-8") if line.strip()}
     if excluded:
         kept = [p for p in prompts if p not in excluded]
