@@ -77,3 +77,28 @@ def test_limit_spreads_over_categories():
     assert len(spread(prompts, 100)) == len(prompts)
     sample = load_prompts(None, limit=7)
     assert len(sample.prompts) == 7 and len(sample.categories) == 7
+
+
+def test_build_self_distill_answers_your_own_prompts_without_each_categorys_first(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    sys.path.insert(0, str(recipes))
+    try:
+        spec = importlib.util.spec_from_file_location("build_self_distill", recipes / "build_self_distill.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(recipes))
+    rows = [("a", "A1"), ("a", "A2"), ("b", "B1"), ("a", "A3"), ("b", "B2"), ("b", "B2")]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": [t]}) + "\n"
+                            for i, (c, t) in enumerate(rows)))
+    assert module.own_instructions(path, 0) == ["A1", "A2", "B1", "A3", "B2"]  # a repeated prompt once
+    assert module.own_instructions(path, 1) == ["A2", "A3", "B2"]  # the bench's first of each category left out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(SystemExit, match="--instructions"):
+        module.own_instructions(bad, 0)
