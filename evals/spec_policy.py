@@ -273,7 +273,7 @@ class Policy:
 
 def simulate(policy: Policy, answers: list[Answer], cost: dict, stores: dict | None = None) -> dict:
     """Predicted seconds and cycles of `policy` over the answers, and the full model's seconds for them.
-    `stores`: name -> lookup.Datastore, for policies with a datastore."""
+    `stores`: name -> Datastore, for policies with a datastore."""
     seconds = baseline = 0.0
     cycles = tokens = lookup_cycles = lookup_tokens = exit_cycles = store_cycles = store_tokens = 0
     sizes = tuple(n for n, _ in policy.lengths)
@@ -400,7 +400,7 @@ STORE_SHARES = (0.4, 0.6, 0.8)
 
 
 def datastores(bm, paths: list[str]) -> dict:
-    """name -> lookup.Datastore over the assistant answers of the JSONL files (each answer + end of turn), one
+    """name -> Datastore over the assistant answers of the JSONL files (each answer + end of turn), one
     per setting of STORE_GRID x STORE_SHARES."""
     docs = []
     for path in paths:

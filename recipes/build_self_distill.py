@@ -10,7 +10,7 @@ answers to a mix of instructions, written as chat records {"messages": [user, as
 `balspec train` renders with the model's chat template (its default system prompt included, as at
 generation time). The instructions come from recipes/instructions.py (openly licensed text and templates;
 none from the benchmark prompt sets), or, with --instructions, from a prompt file of your own (any format
-`balspec bench --prompts` reads: your traffic's prompts are the best match for what the exits must predict).
+`balspec bench --prompts` reads, e.g. prompts like your traffic's).
 Generation is batched (left padding) and appends to a partial file,
 so an interrupted run resumes.
 """
@@ -128,13 +128,15 @@ def main() -> None:
                              "repeatable")
     parser.add_argument("--instructions", type=Path, default=None,
                         help="answer the first turns of this prompt file (a format `balspec bench --prompts` reads) "
-                             "instead of recipes/instructions.py's mix; --prompts caps their number")
+                             "instead of recipes/instructions.py's mix, in file order; --prompts caps their number")
     parser.add_argument("--skip-per-category", type=int, default=0,
                         help="--instructions: leave out the first N prompts of each category (those `balspec bench "
                              "--num-prompts` takes first, to bench on prompts never trained on)")
     parser.add_argument("--split-only", action="store_true",
                         help="generate nothing more: split the answers written so far into train/heldout")
     args = parser.parse_args()
+    if args.skip_per_category < 0 or args.skip_per_category and args.instructions is None:
+        sys.exit("error: --skip-per-category needs --instructions and a whole number >= 0")
     if args.instructions is not None:
         prompts = own_instructions(args.instructions, args.skip_per_category)[:args.prompts]
     elif not (args.corpus / "train.jsonl").exists():

@@ -90,10 +90,10 @@ def test_decode_speedup_counts_the_tokens_and_seconds_after_the_first():
     p = PROMPTS.prompts[0]
     base = [Run(p, [1] * 9, 5.0, prefill_seconds=1.0, decode_seconds=4.0),
             Run(p, [1] * 5, 3.0, prefill_seconds=1.0, decode_seconds=2.0)]
-    spec = [Run(p, [1] * 9, 3.0, prefill_seconds=1.0, decode_seconds=2.0),
-            Run(p, [1] * 5, 2.0, prefill_seconds=1.0, decode_seconds=1.0)]
+    spec = [Run(p, [1] * 9, 3.5, prefill_seconds=1.5, decode_seconds=2.0),
+            Run(p, [1] * 5, 1.5, prefill_seconds=0.5, decode_seconds=1.0)]
     s = summarize(spec, base)
-    assert s.ttft_s == 1.0 and s.decode_tokens_per_second == 12 / 3.0
+    assert s.ttft_s == 1.0 and s.decode_tokens_per_second == 12 / 3.0  # the mean of 1.5 and 0.5
     assert s.decode_speedup == pytest.approx(2.0) and s.speedup == pytest.approx(14 / 5 / (14 / 8))
     peer = summarize([Run(p, [1] * 9, 2.0)], base)  # transformers' generate(): its first token is not timed
     assert peer.ttft_s is None and peer.decode_speedup is None and peer.speedup == pytest.approx(9 / 2 / (14 / 8))
@@ -102,6 +102,8 @@ def test_decode_speedup_counts_the_tokens_and_seconds_after_the_first():
 def test_bench_reports_time_to_first_token_within_each_runs_seconds(report):
     base = report.baseline.summary
     assert 0 < base.ttft_s < base.seconds / base.prompts and base.decode_tokens_per_second > 0
+    want = base.new_tokens - base.prompts  # tokens after each prompt's first
+    assert base.decode_tokens_per_second > want / base.seconds  # the time to first token is left out
     for r in report.results:
         if r.setting.mode == "peer":
             assert r.summary.decode_speedup is None

@@ -90,10 +90,13 @@ def test_the_datastore_proposes_the_most_frequent_follower_chained_and_within_it
     store = sp.Datastore(docs, sizes=(4, 3), min_count=2, min_share=0.5)
     # "1 2 3 4" -> 5 (2 of 3), then "2 3 4 5" -> 6 (2 of 3); "3 4 5 6" was never followed
     assert store.propose([0, 1, 2, 3, 4], 3) == [5, 6]
-    assert store.propose([2, 3, 4], 1) == [5]  # the 3-gram "2 3 4": 5 four times of five
+    assert store.propose([2, 3, 4], 1) == [5]  # the 3-gram "2 3 4": 5 three times of four
     assert store.propose([7, 7], 3) == [] and store.propose([1, 2, 3, 4], 0) == []
     assert sp.Datastore(docs, sizes=(4,), min_count=2, min_share=0.7).propose([1, 2, 3, 4], 2) == []  # 2/3 < 0.7
     assert sp.Datastore(docs, sizes=(4,), min_count=3, min_share=0.5).propose([1, 2, 3, 4], 2) == []  # 2 < 3
+    big = [49151, 49000, 48000, 47000, 46000]  # real vocabulary ids: the 5-gram keys wrap past 2**64 in numpy
+    wide = sp.Datastore([big + [7], big + [7]], sizes=(5,), min_count=2, min_share=0.5)
+    assert wide.propose([1] + big, 1) == [7] and next(iter(wide.tables[5])) == sp.ngram_key(big)
 
 
 def test_a_datastore_draft_is_read_only_where_the_context_has_none_and_priced_as_a_lookup():
@@ -105,6 +108,12 @@ def test_a_datastore_draft_is_read_only_where_the_context_has_none_and_priced_as
     out = sp.simulate(sp.Policy("store", ((4, 3),), k=1, store="s", store_len=2), [a], costs, stores)
     assert (out["store_cycles"], out["store_tokens_per_cycle"], out["cycles"]) == (1, 2.0, 1)
     assert out["speedup"] == 3 / 1.5  # 8, 9 accepted and the bonus 6, for one 3-row verify
+    # where the context has a match ("1 2 3" after the pending 1 of a prompt holding 1 2 3 4), it proposes, not the store
+    ctx = sp.Answer(prompt=[9, 1, 2, 3, 4], answer=[1, 2, 3, 4, 6], exit_right=[False] * 4, exit_top=[0.9] * 4,
+                    exit_choice=[0] * 4)
+    both = {"s": sp.Datastore([[1, 5, 5, 5]] * 2, sizes=(1,), min_count=1, min_share=0.5)}
+    first = sp.simulate(sp.Policy("store", ((1, 3),), k=1, store="s", store_len=3), [ctx], costs, both)
+    assert (first["lookup_cycles"], first["store_cycles"]) == (1, 0)
     confirm = sp.simulate(sp.Policy("store", ((4, 3),), k=1, store="s", store_len=2, store_confirm=True), [a],
                           costs, stores)
     # the exit's d_1 (always 0) disagrees with the store's 8, then 9: two exit cycles, then a last bonus-only step

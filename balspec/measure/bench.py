@@ -355,13 +355,13 @@ def summarize(runs: list[Run], baseline: list[Run] | None = None, compare: bool 
     seconds = sum(r.seconds for r in runs)
     tps = tokens / seconds if seconds > 0 else 0.0
     summary = Summary(len(runs), tokens, seconds, tps)
-    if runs and all(r.prefill_seconds is not None for r in runs):
+    if runs and all(r.prefill_seconds is not None and r.decode_seconds is not None for r in runs):
         summary.ttft_s = sum(r.prefill_seconds for r in runs) / len(runs)
         summary.decode_tokens_per_second = _decode_rate(runs)
     if baseline is not None:
         base_tokens, base_seconds = sum(len(r.token_ids) for r in baseline), sum(r.seconds for r in baseline)
         summary.speedup = tps / (base_tokens / base_seconds) if base_tokens and base_seconds > 0 else None
-        base_rate = _decode_rate(baseline) if all(r.prefill_seconds is not None for r in baseline) else None
+        base_rate = _decode_rate(baseline) if all(r.decode_seconds is not None for r in baseline) else None
         if summary.decode_tokens_per_second and base_rate:
             summary.decode_speedup = summary.decode_tokens_per_second / base_rate
         if compare:

@@ -76,8 +76,8 @@ def print_tables(report: BenchReport, console=None) -> None:
         table.add_row(name, _text(r.setting.exit), _text(r.setting.draft_len), width,
                       _num(s.acceptance_rate, "{:.2f}"), _lookup(s), _num(s.mean_accepted_length, "{:.2f}"),
                       _hist(s.accepted_hist), f"{s.tokens_per_second:.1f}", _num(s.speedup, "{:.2f}x"),
-                      _num(s.decode_speedup, "{:.2f}x"), _num(c.bound if c else None, "{:.2f}x"), _num(c.efficiency if c else None, "{:.0%}"),
-                      _needed(c), mismatch)
+                      _num(s.decode_speedup, "{:.2f}x"), _num(c.bound if c else None, "{:.2f}x"),
+                      _num(c.efficiency if c else None, "{:.0%}"), _needed(c), mismatch)
     if base.ttft_s is not None:
         table.caption = (f"speedup: end to end; decode: after the first token (what speculation changes); "
                          f"mean time to first token {base.ttft_s:.2f} s in full mode")
