@@ -39,7 +39,7 @@ import balspec
 from balspec.engine.lookup import NgramLookup
 from balspec.engine.sampling import Sampling
 from balspec.measure.costs import median_seconds
-from balspec.measure.prompts import load_prompts, spread
+from balspec.measure.prompts import after_first, load_prompts, spread
 from balspec.models import device_name
 
 SIZES = tuple(range(8, 0, -1))  # n-gram sizes the simulator indexes, so that a policy may choose by match length
@@ -157,12 +157,7 @@ def answers_from_prompts(bm, path: str | None, num: int, max_new: int,
                          skip: int = 0) -> list[tuple[list[int], list[int]]]:
     """Greedy answers to `num` prompts spread over categories, after the first `skip` of each category (those
     `balspec bench --num-prompts` takes first), generated with `full`."""
-    rank: dict[str, int] = {}
-    kept = []
-    for prompt in load_prompts(path).prompts:
-        rank[prompt.category] = rank.get(prompt.category, 0) + 1
-        if rank[prompt.category] > skip:
-            kept.append(prompt)
+    kept = after_first(load_prompts(path).prompts, skip)
     out = []
     for prompt in spread(kept, num):
         ids = bm.encode(prompt.text)

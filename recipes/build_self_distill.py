@@ -10,9 +10,8 @@ answers to a mix of instructions, written as chat records {"messages": [user, as
 `balspec train` renders with the model's chat template (its default system prompt included, as at
 generation time). The instructions come from recipes/instructions.py (openly licensed text and templates;
 none from the benchmark prompt sets), or, with --instructions, from a prompt file of your own (any format
-`balspec bench --prompts` reads, e.g. prompts like your traffic's).
-Generation is batched (left padding) and appends to a partial file,
-so an interrupted run resumes.
+`balspec bench --prompts` reads, e.g. prompts like your traffic's). Generation is batched (left padding) and
+appends to a partial file, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -91,19 +90,13 @@ def own_instructions(path: Path, skip_per_category: int) -> list[str]:
     """The prompt texts of a prompt file (balspec.measure.prompts' formats), without the first `skip_per_category`
     of each category, in file order; exits with one line for an unreadable file."""
     from balspec.errors import BalspecError
-    from balspec.measure.prompts import load_prompts
+    from balspec.measure.prompts import after_first, load_prompts
 
     try:
         loaded = load_prompts(str(path)).prompts
     except BalspecError as e:
         sys.exit(f"error: --instructions: {e}")
-    rank: dict[str, int] = {}
-    kept = []
-    for prompt in loaded:
-        rank[prompt.category] = rank.get(prompt.category, 0) + 1
-        if rank[prompt.category] > skip_per_category:
-            kept.append(prompt.text)
-    return list(dict.fromkeys(kept))
+    return list(dict.fromkeys(p.text for p in after_first(loaded, skip_per_category)))
 
 
 def main() -> None:

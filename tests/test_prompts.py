@@ -5,7 +5,7 @@ import json
 import pytest
 
 from balspec.errors import BalspecError
-from balspec.measure.prompts import Prompt, load_prompts, spread
+from balspec.measure.prompts import Prompt, after_first, load_prompts, spread
 
 
 def write(tmp_path, name, text):
@@ -102,3 +102,10 @@ def test_build_self_distill_answers_your_own_prompts_without_each_categorys_firs
     bad.write_text("{not json\n")
     with pytest.raises(SystemExit, match="--instructions"):
         module.own_instructions(bad, 0)
+
+
+def test_after_first_leaves_out_what_spread_takes_first():
+    prompts = [Prompt(str(i), c, f"{c}{i}") for i, c in enumerate("aabab")]
+    assert [p.text for p in after_first(prompts, 1)] == ["a1", "a3", "b4"]
+    assert not {p.text for p in spread(prompts, 2)} & {p.text for p in after_first(prompts, 1)}
+    assert after_first(prompts, 0) == prompts

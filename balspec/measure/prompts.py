@@ -95,6 +95,18 @@ def spread(prompts: list[Prompt], limit: int) -> list[Prompt]:
     return picked[:limit]
 
 
+def after_first(prompts: list[Prompt], skip: int) -> list[Prompt]:
+    """`prompts` in order without the first `skip` of each category: those `spread` (and so `balspec bench
+    --num-prompts`) takes first, so the rest are prompts a bench run never used."""
+    rank: dict[str, int] = {}
+    kept = []
+    for prompt in prompts:
+        rank[prompt.category] = rank.get(prompt.category, 0) + 1
+        if rank[prompt.category] > skip:
+            kept.append(prompt)
+    return kept
+
+
 def _prompt_from_record(record, where: str, default_id: str) -> Prompt:
     if not isinstance(record, dict):
         raise BalspecError(f"--prompts: {where}: expected a JSON object, got {type(record).__name__}")
