@@ -178,9 +178,11 @@ def _check_meta(meta, meta_file: Path) -> None:
     meets a wrong type later. Names the first field that does not fit: the checkpoint is at fault, not a flag."""
     _check_field(meta, _meta_schema(), "", meta_file)
     exits, layers = meta["exits"], meta["base_model"]["num_layers"]
-    if not exits or len(set(exits)) != len(exits) or not all(1 <= e < layers for e in exits):
-        _corrupt(meta_file, "exits", f"distinct layers in 1..{layers - 1} (base_model.num_layers is {layers})", exits)
     kinds = meta.get("kinds", {})
+    if not exits or len(set(exits)) != len(exits) \
+            or not all(1 <= e < layers or (e == 0 and kinds.get("0") == "draft") for e in exits):
+        _corrupt(meta_file, "exits", f"distinct layers in 1..{layers - 1}, or 0 for a draft-kind exit "
+                 f"(base_model.num_layers is {layers})", exits)
     for key in kinds:
         if key not in map(str, exits):
             _corrupt(meta_file, f"kinds.{key}", f"an exit of the checkpoint ({','.join(map(str, exits))})", key)
@@ -285,16 +287,18 @@ def checked_vocab(vocab: torch.Tensor, model: nn.Module, what: str) -> torch.Ten
     return vocab.long()
 
 
-def init_exits_from(exits: Exits, model: nn.Module, path: str | Path) -> None:
+def init_exits_from(exits: Exits, model: nn.Module, path: str | Path, source_exit: int | None = None) -> None:
     """Copy the balconies of `exits` from the checkpoint at `path` (exits.init_from), keeping their dtype. A
-    draft exit may start from a sub-model balcony (its layer and norm; `fuse` stays zero)."""
+    draft exit may start from a sub-model balcony (its layer and norm; `fuse` stays zero). source_exit
+    (exits.init_exit): every exit starts from that exit of the checkpoint instead of its own."""
     source, meta = load_exits(model, path)
     where = f"exits.init_from: {path}"
-    missing = [e for e in exits.exits if e not in source.exits]
+    origin = {e: e if source_exit is None else source_exit for e in exits.exits}
+    missing = sorted({origin[e] for e in exits.exits} - set(source.exits))
     if missing:
         raise BalspecError(f"{where} has no exit {','.join(map(str, missing))} (it has "
                            f"{','.join(map(str, source.exits))})")
-    kinds = [e for e in exits.exits if source.kinds[e] == "draft" and exits.kinds[e] == "sub-model"]
+    kinds = [e for e in exits.exits if source.kinds[origin[e]] == "draft" and exits.kinds[e] == "sub-model"]
     if kinds:
         raise BalspecError(f"{where}: exit {kinds[0]} is a draft exit there, a sub-model exit in this run")
     if source.module != exits.module:
@@ -305,7 +309,7 @@ def init_exits_from(exits: Exits, model: nn.Module, path: str | Path) -> None:
     with torch.no_grad():
         for e in exits.exits:
             target = exits[e].state_dict()
-            for name, value in source[e].state_dict().items():
+            for name, value in source[origin[e]].state_dict().items():
                 target[name].copy_(value)
 
 

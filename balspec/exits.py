@@ -52,16 +52,18 @@ def model_parts(model: nn.Module) -> Parts:
     return Parts(inner.embed_tokens, inner.layers, inner.norm, model.lm_head, inner.rotary_emb)
 
 
-def validate_exits(exits: list[int], num_layers: int) -> list[int]:
-    """Exit layers must be distinct integers in 1..N-1 (exit N is the full model itself)."""
+def validate_exits(exits: list[int], num_layers: int, draft_exits=()) -> list[int]:
+    """Exit layers must be distinct integers in 1..N-1 (exit N is the full model itself); a draft-kind exit may
+    also be 0, a balcony on the token embeddings (it reads no trunk layer: EAGLE's form of draft, DESIGN.md 3b)."""
     if not exits:
         raise BalspecError("--exits: give at least one exit layer, e.g. --exits 8,12,16")
     if len(set(exits)) != len(exits):
         raise BalspecError(f"--exits: duplicated exit layer in {exits}")
-    bad = [e for e in exits if not 1 <= e < num_layers]
+    bad = [e for e in exits if not (1 <= e < num_layers or (e == 0 and e in draft_exits))]
     if bad:
+        zero = " (0 only for a draft-kind exit)" if 0 in bad else ""
         raise BalspecError(f"--exits: {bad} out of range; this model has {num_layers} layers, "
-                           f"so exits must lie in 1..{num_layers - 1}")
+                           f"so exits must lie in 1..{num_layers - 1}{zero}")
     return sorted(exits)
 
 
@@ -214,7 +216,7 @@ def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", l
     exit is the model's own final norm and head (zero balcony layers, no weights)."""
     parts = model_parts(model)
     arch = architecture(model, parts.rotary, parts.num_layers)  # refuses what balspec cannot run, in one line
-    exits = validate_exits(list(exits), parts.num_layers)
+    exits = validate_exits(list(exits), parts.num_layers, draft_exits)
     if norm_init not in NORM_INITS:
         raise BalspecError(f"exits.norm_init: {norm_init!r} is not one of {', '.join(NORM_INITS)}")
     if layer_init not in LAYER_INITS:

@@ -14,7 +14,7 @@ from balspec.tiny import tiny_tokenizer
 from tests.test_engine import identity_tail, sharp_model
 from tests.test_sampling import chi2, chi2_critical, two_token_joint
 
-DRAFT, SUB = [1, 3], [4]
+DRAFT, SUB = [0, 1, 3], [4]  # exit 0: a balcony on the token embeddings
 
 
 def make_bm(model=None, draft_vocab=None):
@@ -174,8 +174,9 @@ def test_draft_exits_refuse_early_exit_and_export(bm, tmp_path):
 def test_kinds_round_trip_through_a_checkpoint(bm, tmp_path):
     save_exits(bm.exit_modules, bm.model, tmp_path / "ck")
     loaded, meta = load_exits(bm.model, tmp_path / "ck")
-    assert meta["kinds"] == {"1": "draft", "3": "draft", "4": "sub-model"}
-    assert loaded.kinds == {1: "draft", 3: "draft", 4: "sub-model"}
+    assert meta["kinds"] == {"0": "draft", "1": "draft", "3": "draft", "4": "sub-model"}
+    assert loaded.kinds == {0: "draft", 1: "draft", 3: "draft", 4: "sub-model"}
+    torch.testing.assert_close(loaded[0].fuse.weight, bm.exit_modules[0].fuse.weight)
     torch.testing.assert_close(loaded[3].fuse.weight, bm.exit_modules[3].fuse.weight)
 
 
@@ -185,6 +186,8 @@ def test_a_draft_exit_has_one_layer_and_lies_among_the_exits():
         attach_exits(model, [2, 4], balcony_layers=2, draft_exits=[2])
     with pytest.raises(BalspecError, match="not among the exits"):
         attach_exits(model, [2, 4], draft_exits=[3])
+    with pytest.raises(BalspecError, match=r"out of range.*0 only for a draft-kind exit"):
+        attach_exits(model, [0, 2], draft_exits=[2])  # a sub-model needs at least one trunk layer
 
 
 def test_draft_exits_train_record_their_kind_and_resume_exactly(tmp_path, monkeypatch):
@@ -363,3 +366,43 @@ def test_static_cache_refuses_draft_exits_and_runs_sub_model_exits():
     full = static.generate([5, 6, 7], mode="full", max_new_tokens=12, eos=False).token_ids
     assert static.generate([5, 6, 7], mode="speculative", exit=4, draft_len=2, max_new_tokens=12,
                            eos=False).token_ids == full
+
+
+def test_exit_0_starts_from_another_exit_trains_and_decodes_exactly(tmp_path):
+    """exits.init_from with exits.init_exit: a draft exit 0 (a balcony on the token embeddings) starts as a copy
+    of a saved exit 2, trains on the embeddings (its KL falls) and decodes exactly; init_exit needs init_from
+    and an exit the checkpoint has."""
+    import json
+
+    from balspec.checkpoint import init_exits_from
+    from balspec.models import load_model
+    from balspec.training.train import train
+    from tests.test_train import tiny_config
+
+    model, tokenizer = load_model("tiny-random")
+    source = attach_exits(model, [2], draft_exits=[2])
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.01)
+    save_exits(source, model, tmp_path / "e2")
+    sets = ["exits.layers=[0]", "exits.draft=[0]", f"exits.init_from={tmp_path / 'e2'}", "exits.init_exit=2",
+            "train.max_steps=12", "train.log_every=1", "train.eval_every=12", "optim.lr=3e-3"]
+    first = attach_exits(model, [0], draft_exits=[0])
+    init_exits_from(first, model, tmp_path / "e2", 2)
+    assert all(torch.equal(a, b) for a, b in zip(first[0].state_dict().values(), source[2].state_dict().values()))
+    run = train(tiny_config(tmp_path / "run", *sets))
+    meta = json.loads((run / "balspec.json").read_text())
+    assert meta["exits"] == [0] and meta["kinds"] == {"0": "draft"}
+    kl = [ln["kl/0"] for ln in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "kl/0" in ln]
+    assert kl[-1] < 0.8 * kl[0]
+
+    exits, _ = load_exits(model, run)
+    bm = BalconyModel(model, tokenizer, exits.requires_grad_(False).eval())
+    full = bm.generate("the quick brown fox", mode="full", max_new_tokens=24, chat=False, eos=False).token_ids
+    spec = bm.generate("the quick brown fox", mode="speculative", exit=0, draft_len=2, max_new_tokens=24,
+                       chat=False, eos=False)
+    assert spec.token_ids == full and spec.stats.drafted > 0
+    with pytest.raises(BalspecError, match="has no exit 3"):
+        train(tiny_config(tmp_path / "bad", *sets[:3], "exits.init_exit=3"))
+    with pytest.raises(BalspecError, match="exits.init_exit"):
+        train(tiny_config(tmp_path / "bad2", *sets[:2], "exits.init_exit=2"))

@@ -35,10 +35,26 @@ def test_trunk_forward_equals_the_teacher_forward_trunk_and_stops_early():
         h.remove()
     assert all(torch.equal(a, b) for a, b in zip(trunk, got))
     assert ran == [0, 1, 2, 3]  # layers 5 and 6 of 6 never ran
+    _, trunk = teacher_forward(model, ids, [0, 2])
+    ran.clear()
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+             for i, layer in enumerate(model_parts(model).layers)]
+    got = trunk_forward(model, ids, [0, 2])  # exit 0: the embeddings, the first layer's input
+    for h in hooks:
+        h.remove()
+    assert all(torch.equal(a, b) for a, b in zip(trunk, got)) and ran == [0, 1]
+    ran.clear()
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+             for i, layer in enumerate(model_parts(model).layers)]
+    got = trunk_forward(model, ids, [0])
+    for h in hooks:
+        h.remove()
+    assert torch.equal(got[0], trunk[0]) and ran == []  # no trunk layer runs
 
 
-def test_cached_blocks_hold_the_teacher_states_and_give_the_same_loss_and_gradients(tmp_path):
-    config = tiny_config(tmp_path / "run", *DRAFT)
+@pytest.mark.parametrize("first", [2, 0])  # exit 0: the balcony reads the embeddings (a forward pre-hook)
+def test_cached_blocks_hold_the_teacher_states_and_give_the_same_loss_and_gradients(tmp_path, first):
+    config = tiny_config(tmp_path / "run", f"exits.layers=[{first},4]", f"exits.draft=[{first}]")
     cache_dir = tc.build_cache(config, tmp_path / "cache", 12)
     model = tiny_model()
     cache = tc.TeacherCache(cache_dir, model, config)
@@ -56,7 +72,7 @@ def test_cached_blocks_hold_the_teacher_states_and_give_the_same_loss_and_gradie
     grads = []
     for rows in (batch, Batch(batch.input_ids)):  # cached, then the live teacher
         torch.manual_seed(0)
-        exits = attach_exits(model, [2, 4], draft_exits=[2], seed=0).float()
+        exits = attach_exits(model, [first, 4], draft_exits=[first], seed=0).float()
         distiller = Distiller(exits, draft_chain=3)
         losses = train_module.distill_batch(model, model_parts(model), distiller, rows, Accelerator(cpu=True),
                                             config, draws=torch.Generator().manual_seed(5))

@@ -332,6 +332,8 @@ class Engine:
         """Trunk layers first+1..last (1-based, as in the paper) over hidden states [1, rows, hidden] at positions
         start.., or over rows tree_first.. of a cycle's tree whose root sits at `start`."""
         length = hidden.shape[1]
+        if first == last:  # exit 0's draft (a balcony on the embeddings): no trunk layer
+            return hidden
         if self.static:
             self._check_room(start + tree_first + length)
             return self._static_pass((first, last), length, tree, tree_first)(hidden, self._position(start))

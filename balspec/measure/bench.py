@@ -196,7 +196,8 @@ def check_options(bm, opts: BenchOptions) -> None:
     """Refuse what the loaded model and checkpoint cannot run, before any timing starts."""
     if not bm.exits:
         raise BalspecError("bench needs exits: pass --exits-path (train them with `balspec train`)")
-    validate_exits(list(opts.exits), bm.engine.num_layers)
+    validate_exits(list(opts.exits), bm.engine.num_layers,
+                   [e for e, kind in bm.exit_modules.kinds.items() if kind == "draft"])
     check_exits(opts.exits, bm.exits)
     if bm.engine.static:
         draft_kind = [e for e in opts.exits if bm.exit_modules.kinds[e] == "draft"]

@@ -38,7 +38,8 @@ class ModelConfig:
 @dataclass
 class ExitsConfig:
     layers: list[int] = field(default_factory=lambda: [8, 12, 16])
-    """Exit layers e (1 <= e < N): balcony e reads the output of trunk layer e."""
+    """Exit layers e (1 <= e < N): balcony e reads the output of trunk layer e. A draft-kind exit may be 0: its
+    balcony reads the token embeddings, as EAGLE's draft head does (no trunk layer runs twice per cycle)."""
     norm_init: str = "final"
     """Norm of each balcony starts as a copy of: "final" (the final norm) or "next-input" (trunk layer e+1's)."""
     layer_init: str = "last"
@@ -61,6 +62,9 @@ class ExitsConfig:
     init_from: str | None = None
     """An exits checkpoint whose balconies start this run instead of the init above (continue training on new
     data); it must hold every exit of `layers`, with the same balcony_layers, for the same base model."""
+    init_exit: int | None = None
+    """With init_from: start every exit of `layers` from this one exit of init_from instead of the same exit
+    (e.g. a draft exit 0 from a trained draft exit 2; the balconies have the same shapes at every exit)."""
 
 
 @dataclass
@@ -296,6 +300,7 @@ def validate(config: TrainingConfig) -> None:
         ("exits.draft", not c.exits.draft or c.method == "balcony", "empty with method sorted (no balconies)"),
         ("exits.draft", not c.exits.draft or not c.exits.train_base, "empty with exits.train_base"),
         ("exits.init_from", not c.exits.init_from or c.method == "balcony", "null with method sorted (no balconies)"),
+        ("exits.init_exit", c.exits.init_exit is None or c.exits.init_from, "null unless exits.init_from is set"),
         ("loss.sorted_target", c.loss.sorted_target in SORTED_TARGETS, f"one of {', '.join(SORTED_TARGETS)}"),
         ("model.dtype", c.model.dtype in DTYPE_NAMES, f"one of {', '.join(DTYPE_NAMES)}"),
         ("exits.layers", len(c.exits.layers) > 0, "at least one exit layer"),

@@ -71,7 +71,14 @@ def trunk_forward(model: nn.Module, input_ids: torch.Tensor, exits: list[int]) -
                 raise _Stop
         return hook
 
-    handles = [layers[e - 1].register_forward_hook(recorder(e)) for e in set(exits)]
+    def embedded(module, args, kwargs):  # exit 0 (a draft-kind exit): the first layer's input
+        states[0] = args[0] if args else kwargs["hidden_states"]
+        if last == 0:
+            raise _Stop
+
+    handles = [layers[e - 1].register_forward_hook(recorder(e)) for e in set(exits) if e > 0]
+    if 0 in exits:
+        handles.append(layers[0].register_forward_pre_hook(embedded, with_kwargs=True))
     try:
         with torch.no_grad():
             model(input_ids, logits_to_keep=1)

@@ -79,7 +79,7 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                          seed=c.train.seed, draft_exits=c.exits.draft, module=module).float()  # fp32 master weights
     if resume_from is None:
         if c.exits.init_from:
-            init_exits_from(exits, model, c.exits.init_from)
+            init_exits_from(exits, model, c.exits.init_from, c.exits.init_exit)
         exits.draft_vocab = starting_draft_vocab(c, model, tokenizer)
     else:  # the checkpoint's weights replace the exits' anyway; its draft vocabulary is the run's
         exits.draft_vocab = saved_draft_vocab(resume_from, model)
