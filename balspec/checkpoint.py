@@ -300,7 +300,9 @@ def init_exits_from(exits: Exits, model: nn.Module, path: str | Path, source_exi
                            f"{','.join(map(str, source.exits))})")
     kinds = [e for e in exits.exits if source.kinds[origin[e]] == "draft" and exits.kinds[e] == "sub-model"]
     if kinds:
-        raise BalspecError(f"{where}: exit {kinds[0]} is a draft exit there, a sub-model exit in this run")
+        e = kinds[0]
+        source_is = f"exit {e} is" if origin[e] == e else f"exit {origin[e]} (exits.init_exit) is"
+        raise BalspecError(f"{where}: {source_is} a draft exit there, exit {e} a sub-model exit in this run")
     if source.module != exits.module:
         raise BalspecError(f"{where} has {source.module} balconies, this run {exits.module} ones")
     if source.balcony_layers != exits.balcony_layers:

@@ -157,7 +157,7 @@ def print_table(rows: list[Quality], title: str) -> None:
     for col in ("sub-model", "exit", "KL (nats)", "top-1 agree", *(["top-1 via draft vocab"] if in_vocab else []),
                 "perplexity"):
         table.add_column(col, justify="left" if col == "sub-model" else "right")
-    for r in sorted(rows, key=lambda r: (r.exit or 10**9, r.name)):
+    for r in sorted(rows, key=lambda r: (10**9 if r.exit is None else r.exit, r.name)):
         via = ([f"{r.top1_draft_vocab:.1%}" if r.top1_draft_vocab is not None else ""] if in_vocab else [])
         table.add_row(r.name, "" if r.exit is None else str(r.exit), f"{r.kl:.3f}", f"{r.top1_agreement:.1%}",
                       *via, f"{r.perplexity:.2f}")

@@ -258,6 +258,18 @@ def test_cli_static_cache_benches_the_sub_model_exits_unless_told(monkeypatch, c
     assert err.startswith("error: exit(s) 2: draft-kind exits run only with the dynamic cache") and "\n" not in err
 
 
+def test_cli_benches_a_draft_exit_0_exactly(monkeypatch, capsys, exits_dir):
+    """A draft-kind exit 0 (on the embeddings) passes bench's exit check and decodes with 0 mismatches; a
+    sub-model exit 0 cannot exist (checked at attach and on load)."""
+    home, _ = exits_dir
+    monkeypatch.setenv("BALSPEC_HOME", str(home))
+    model, _ = load_model("tiny-random")
+    path = save_exits(attach_exits(model, [0, 4], draft_exits=[0]), model, home / "exit0")
+    assert run_cli(["--exits", "0", "--no-early-exit", "--draft-len", "1", "--json"], monkeypatch, (home, path)) == 0
+    (spec,) = [r for r in json.loads(capsys.readouterr().out)["results"] if r["mode"] == "speculative"]
+    assert spec["exit"] == 0 and spec["greedy_mismatches"] == 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--exits", "3"], "error: --exits: 3 not in the exits checkpoint (it has 2,4)"),
     (["--exits", "2", "--draft-len", "0"], "error: --draft-len: draft lengths must lie in 1..64, got 0"),

@@ -109,12 +109,14 @@ def assert_engine_drafts_as_trained(engine, e: int, seq: list[int], pending: int
         torch.testing.assert_close(drafted[0, 0], trained[0, position], atol=1e-4, rtol=1e-4)
 
 
-def test_training_forward_matches_the_engine_draft(bm):
+@pytest.mark.parametrize("e", [3, 0])
+def test_training_forward_matches_the_engine_draft(bm, e):
     """Balcony.forward with r unverified rows is what the engine computes for the (r+1)-th draft of a cycle:
-    r = 0 for the pending token (input + fuse(previous deep state)), r = 1 and 2 for chain drafts."""
+    r = 0 for the pending token (input + fuse(previous deep state)), r = 1 and 2 for chain drafts. Exit 0 reads
+    the token embeddings (hidden_states[0])."""
     seq = [(11 * i + 3) % 250 + 3 for i in range(14)]
-    e, pending = 3, 9  # the pending token's position; seq[10], seq[11] stand for d_1, d_2
-    model, engine, balcony = bm.model, bm.engine, bm.exit_modules[3]
+    pending = 9  # the pending token's position; seq[10], seq[11] stand for d_1, d_2
+    model, engine, balcony = bm.model, bm.engine, bm.exit_modules[e]
     with torch.inference_mode():
         hidden = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
         positions = torch.arange(len(seq))[None]
@@ -406,3 +408,5 @@ def test_exit_0_starts_from_another_exit_trains_and_decodes_exactly(tmp_path):
         train(tiny_config(tmp_path / "bad", *sets[:3], "exits.init_exit=3"))
     with pytest.raises(BalspecError, match="exits.init_exit"):
         train(tiny_config(tmp_path / "bad2", *sets[:2], "exits.init_exit=2"))
+    with pytest.raises(BalspecError, match=r"exit 2 \(exits.init_exit\) is a draft exit there, exit 3 a sub-model "):
+        train(tiny_config(tmp_path / "bad3", "exits.layers=[3]", *sets[2:4]))

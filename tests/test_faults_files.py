@@ -229,6 +229,7 @@ CORRUPTIONS = {
     "exits as strings": (_set("exits", ["2", "4"]), "exits[0] must be a whole number"),
     "exits not a list": (_set("exits", "2,4"), "exits must be a list"),
     "exit out of range": (_set("exits", [2, 6]), "exits must be distinct layers in 1..5"),
+    "exit 0 as a sub-model": (_set("exits", [0, 4]), "exits must be distinct layers in 1..5, or 0 for a draft-kind"),
     "duplicate exits": (_set("exits", [2, 2]), "exits must be distinct layers"),
     "base_model null": (_set("base_model", None), "base_model must be an object"),
     "base_model name missing": (_drop("base_model", "name"), "base_model.name is missing"),
