@@ -259,8 +259,7 @@ def test_cli_static_cache_benches_the_sub_model_exits_unless_told(monkeypatch, c
 
 
 def test_cli_benches_a_draft_exit_0_exactly(monkeypatch, capsys, exits_dir):
-    """A draft-kind exit 0 (on the embeddings) passes bench's exit check and decodes with 0 mismatches; a
-    sub-model exit 0 cannot exist (checked at attach and on load)."""
+    """A draft-kind exit 0 (on the embeddings) passes bench's exit check and decodes with 0 mismatches."""
     home, _ = exits_dir
     monkeypatch.setenv("BALSPEC_HOME", str(home))
     model, _ = load_model("tiny-random")
