@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from balspec.errors import BalspecError
-from balspec.exits import KINDS, LAYER_INITS, MODULES, NORM_INITS, Exits, attach_exits, model_parts
+from balspec.exits import KINDS, LAYER_INITS, MODULES, NORM_INITS, Exits, attach_exits, identity_layer, model_parts
 from balspec.files import apply_umask, partial_path, remove_stale_partials
 
 FORMAT_VERSION = 1
@@ -190,8 +190,6 @@ def _check_meta(meta, meta_file: Path) -> None:
     if (meta.get("balcony_layers", 1) == 0) != shared:
         _corrupt(meta_file, "balcony_layers", "0 with module shared-head" if shared else "a whole number >= 1",
                  meta["balcony_layers"])
-    if "draft" in kinds.values() and meta.get("balcony_layers", 1) != 1:
-        _corrupt(meta_file, "balcony_layers", "1 with a draft-kind exit", meta["balcony_layers"])
     defaults = meta.get("defaults", {})
     if "exit" in defaults and defaults["exit"] not in exits:
         _corrupt(meta_file, "defaults.exit", f"one of the exits ({','.join(map(str, exits))})", defaults["exit"])
@@ -290,7 +288,9 @@ def checked_vocab(vocab: torch.Tensor, model: nn.Module, what: str) -> torch.Ten
 def init_exits_from(exits: Exits, model: nn.Module, path: str | Path, source_exit: int | None = None) -> None:
     """Copy the balconies of `exits` from the checkpoint at `path` (exits.init_from), keeping their dtype. A
     draft exit may start from a sub-model balcony (its layer and norm; `fuse` stays zero). source_exit
-    (exits.init_exit): every exit starts from that exit of the checkpoint instead of its own."""
+    (exits.init_exit): every exit starts from that exit of the checkpoint instead of its own. Draft exits with
+    more balcony layers than the checkpoint's take its layers first; the others start as the identity
+    (`identity_layer`), so training starts from the checkpoint's draft exactly."""
     source, meta = load_exits(model, path)
     where = f"exits.init_from: {path}"
     origin = {e: e if source_exit is None else source_exit for e in exits.exits}
@@ -305,14 +305,17 @@ def init_exits_from(exits: Exits, model: nn.Module, path: str | Path, source_exi
         raise BalspecError(f"{where}: {source_is} a draft exit there, exit {e} a sub-model exit in this run")
     if source.module != exits.module:
         raise BalspecError(f"{where} has {source.module} balconies, this run {exits.module} ones")
-    if source.balcony_layers != exits.balcony_layers:
+    deeper = source.balcony_layers < exits.balcony_layers and set(exits.kinds.values()) == {"draft"}
+    if source.balcony_layers != exits.balcony_layers and not deeper:
         raise BalspecError(f"{where} has {source.balcony_layers}-layer balconies, this run "
-                           f"{exits.balcony_layers}-layer ones")
+                           f"{exits.balcony_layers}-layer ones (only draft exits may start from fewer layers)")
     with torch.no_grad():
         for e in exits.exits:
             target = exits[e].state_dict()
             for name, value in source[origin[e]].state_dict().items():
                 target[name].copy_(value)
+            for layer in exits[e].layers[source.balcony_layers:]:
+                identity_layer(layer)
 
 
 def _temp_in(directory: Path, name: str) -> Path:

@@ -136,7 +136,9 @@ class Balcony(nn.Module):
         verified when it is drafted (0 for the first draft of a cycle, i for the (i+1)-th). Position i then
         sees deep K/V at positions <= i - r - 1, and its own inputs at i - r .. i: the one at i - r (the cycle's
         pending token) carries fuse(deep[i - r - 1]), the later ones (drafts) carry nothing, exactly as the
-        engine drafts a chain; under a window, only keys less than the window behind i.
+        engine drafts a chain; under a window, only keys less than the window behind i. Its further layers (two or
+        more balcony layers) each read deep K/V made of `deep` below i and their own input at i: r must be 0
+        there (exits.draft_chain 1), the only case they are trained for.
         """
         from balspec.engine.layers import context_layer, module_layer
 
@@ -160,6 +162,13 @@ class Balcony(nn.Module):
         query = torch.where((r == 0)[..., None], pending, hidden)
         out = context_layer(self.layers[0], query, [deep, pending, hidden], position_embeddings,
                             self.arch.mask(mask[:, None], hidden.dtype))
+        if len(self.layers) > 1:  # first drafts only (r = 0, exits.draft_chain 1): deep K/V below i, its own at i
+            mask = torch.cat([key < position[:, None], key == position[:, None]], -1)  # [L, 2L]
+            if self.window is not None:
+                mask &= (key > position[:, None] - self.window).repeat(1, 1, 2)
+            mask = self.arch.mask(mask.expand(hidden.shape[0], -1, -1)[:, None], hidden.dtype)
+            for layer in self.layers[1:]:
+                out = context_layer(layer, out, [deep, out], position_embeddings, mask)
         return self.norm(out)
 
 
@@ -211,7 +220,7 @@ class Exits(nn.Module):
 def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", layer_init: str = "last",
                  balcony_layers: int = 1, seed: int = 0, draft_exits: list[int] = (), module: str = "layer") -> Exits:
     """Build balconies for `exits` on a frozen `model`, initialised from its own weights; those in
-    `draft_exits` are of the draft kind (verified-context, one layer). module (MODULES): each balcony layer is a
+    `draft_exits` are of the draft kind (verified-context). module (MODULES): each balcony layer is a
     copy of the last decoder layer, of its MLP half or of its attention half; "shared-head": no balcony, the
     exit is the model's own final norm and head (zero balcony layers, no weights)."""
     parts = model_parts(model)
@@ -223,8 +232,6 @@ def attach_exits(model: nn.Module, exits: list[int], norm_init: str = "final", l
         raise BalspecError(f"exits.layer_init: {layer_init!r} is not one of {', '.join(LAYER_INITS)}")
     if balcony_layers < 1 and module != "shared-head":
         raise BalspecError("exits.balcony_layers: must be at least 1")
-    if draft_exits and balcony_layers != 1:
-        raise BalspecError("exits.balcony_layers: a draft-kind exit has exactly one balcony layer")
     if module not in MODULES:
         raise BalspecError(f"exits.module: {module!r} is not one of {', '.join(MODULES)}")
     if draft_exits and module != "layer":
@@ -270,36 +277,18 @@ def _reinit(layer: nn.Module, config, generator: torch.Generator) -> None:
                 p.zero_()
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+def identity_layer(layer: nn.Module) -> None:
+    """Zero the projections a decoder layer adds to its residual stream (attention's output, the MLP's down
+    projection): the layer then passes its input through unchanged, and learns from there (ReZero-style)."""
+    outputs = [getattr(layer.self_attn, "o_proj", None), getattr(getattr(layer, "mlp", None), "down_proj", None)]
+    if any(o is None for o in outputs):
+        raise BalspecError(f"a {type(layer).__name__} has no self_attn.o_proj and mlp.down_proj to start as the "
+                           "identity from; init from a checkpoint with as many balcony layers")
+    with torch.no_grad():
+        for linear in outputs:
+            linear.weight.zero_()
+            if linear.bias is not None:
+                linear.bias.zero_()
 
 
 def frequent_tokens(sequences, vocab_size: int, size: int, always=()) -> tuple[torch.Tensor, float]:

@@ -1,6 +1,8 @@
 """Draft-kind (verified-context) exits, DESIGN.md 3b, on tiny random models (fp32, CPU): exact output, the
 balcony's cache holding the full model's K/V of verified rows, and training's simulation matching the engine."""
 
+import copy
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from balspec.checkpoint import load_exits, save_exits
 from balspec.engine.layers import key_value
 from balspec.engine.sampling import Sampling
 from balspec.errors import BalspecError
-from balspec.exits import attach_exits
+from balspec.exits import attach_exits, identity_layer
 from balspec.generate import BalconyModel
 from balspec.tiny import tiny_tokenizer
 from tests.test_engine import identity_tail, sharp_model
@@ -17,9 +19,11 @@ from tests.test_sampling import chi2, chi2_critical, two_token_joint
 DRAFT, SUB = [0, 1, 3], [4]  # exit 0: a balcony on the token embeddings
 
 
-def make_bm(model=None, draft_vocab=None):
+def make_bm(model=None, draft_vocab=None, balcony_layers=1):
     model = model or sharp_model()
-    modules = attach_exits(model, DRAFT + SUB, draft_exits=DRAFT).requires_grad_(False).eval()
+    exits = DRAFT + SUB if balcony_layers == 1 else DRAFT  # one balcony depth per checkpoint
+    modules = attach_exits(model, exits, draft_exits=DRAFT, balcony_layers=balcony_layers)
+    modules = modules.requires_grad_(False).eval()
     with torch.no_grad():  # a trained fuse is not zero: exercise it
         for e in DRAFT:
             modules[e].fuse.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(e))
@@ -38,17 +42,17 @@ def final_states(bm, seq):
 
 
 def assert_deep_cache(bm, exit_layer, seq):
-    """The exit's balcony cache holds, at every cached position, K/V made of the full model's final state
-    there, as a fresh pass over the decided tokens makes them."""
+    """Each layer of the exit's balcony holds in its cache, at every cached position, K/V made of the full
+    model's final state there, as a fresh pass over the decided tokens makes them."""
     engine = bm.engine
-    slot = bm.exit_modules.cache_slots(exit_layer)[0]
-    cached = engine.cache.lengths[slot]
-    assert cached == engine.cache.lengths[0]  # as far as the trunk: every decided token but the pending one
-    layer = bm.exit_modules[exit_layer].layers[0]
-    cos, sin = engine._rope["full_attention"]
-    key, value = key_value(layer, final_states(bm, seq[:cached]), (cos[:, :cached], sin[:, :cached]))
-    torch.testing.assert_close(engine.cache.keys[slot, :, :, :cached], key, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(engine.cache.values[slot, :, :, :cached], value, atol=1e-4, rtol=1e-4)
+    layers = bm.exit_modules[exit_layer].layers
+    for slot, layer in zip(bm.exit_modules.cache_slots(exit_layer), layers, strict=True):
+        cached = engine.cache.lengths[slot]
+        assert cached == engine.cache.lengths[0]  # as far as the trunk: every decided token but the pending one
+        cos, sin = engine._rope["full_attention"]
+        key, value = key_value(layer, final_states(bm, seq[:cached]), (cos[:, :cached], sin[:, :cached]))
+        torch.testing.assert_close(engine.cache.keys[slot, :, :, :cached], key, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(engine.cache.values[slot, :, :, :cached], value, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("prompt_len", [1, 6, 23])
@@ -182,10 +186,8 @@ def test_kinds_round_trip_through_a_checkpoint(bm, tmp_path):
     torch.testing.assert_close(loaded[3].fuse.weight, bm.exit_modules[3].fuse.weight)
 
 
-def test_a_draft_exit_has_one_layer_and_lies_among_the_exits():
+def test_a_draft_exit_lies_among_the_exits():
     model = sharp_model()
-    with pytest.raises(BalspecError, match="one balcony layer"):
-        attach_exits(model, [2, 4], balcony_layers=2, draft_exits=[2])
     with pytest.raises(BalspecError, match="not among the exits"):
         attach_exits(model, [2, 4], draft_exits=[3])
     with pytest.raises(BalspecError, match=r"out of range.*0 only for a draft-kind exit"):
@@ -410,3 +412,68 @@ def test_exit_0_starts_from_another_exit_trains_and_decodes_exactly(tmp_path):
         train(tiny_config(tmp_path / "bad2", *sets[:2], "exits.init_exit=2"))
     with pytest.raises(BalspecError, match=r"exit 2 \(exits.init_exit\) is a draft exit there, exit 3 a sub-model "):
         train(tiny_config(tmp_path / "bad3", "exits.layers=[3]", *sets[2:4]))
+
+
+def test_two_layer_draft_exits_decode_exactly_and_train_as_the_engine_drafts():
+    """Draft exits with two balcony layers: greedy output equals full for every k and width, every balcony
+    layer's cache holds deep K/V of the decided tokens, and training's forward (first drafts, r = 0: the only
+    case trained with more than one layer) equals the engine's first draft of a cycle."""
+    bm = make_bm(balcony_layers=2)
+    ids = [(7 * i + 11) % 250 + 3 for i in range(9)]
+    full = bm.generate(ids, mode="full", max_new_tokens=30, eos=False)
+    seq = [(11 * i + 3) % 250 + 3 for i in range(14)]
+    for e in DRAFT:
+        for k, width in ((1, 1), (3, 1), ("auto", 1), (1, 3), (2, 2)):
+            out = bm.generate(ids, mode="speculative", exit=e, draft_len=k, draft_width=width,
+                              max_new_tokens=30, eos=False)
+            assert out.token_ids == full.token_ids, (e, k, width)
+            assert_deep_cache(bm, e, ids + out.token_ids)
+        with torch.inference_mode():
+            hidden = bm.model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+            positions = torch.arange(len(seq))[None]
+            rope = bm.model.model.rotary_emb(hidden[e], positions)
+            trained = bm.exit_modules[e](hidden[e], rope, hidden[-1], torch.zeros_like(positions))
+            without = copy.deepcopy(bm.exit_modules[e])  # the second layer made the identity: another draft
+            identity_layer(without.layers[1])
+            assert not torch.allclose(without(hidden[e], rope, hidden[-1], torch.zeros_like(positions)), trained,
+                                      atol=1e-3)
+            for pending in (1, 6, 12):
+                bm.engine.reset(32)
+                bm.engine.prefill(torch.tensor([seq[:pending]]), "speculative", e)
+                h = bm.engine.run_layers(bm.engine.embed(torch.tensor([[seq[pending]]])), 0, e, pending)
+                drafted = bm.engine.run_balcony(e, h, pending, pending=True)
+                torch.testing.assert_close(drafted[0, 0], trained[0, pending], atol=1e-4, rtol=1e-4)
+
+
+def test_a_deeper_draft_exit_starts_from_a_one_layer_checkpoint_exactly(tmp_path):
+    """exits.init_from a one-layer draft exit into a two-layer one: the added layer starts as the identity, so the
+    new exit drafts exactly as the saved one; training it needs exits.draft_chain 1 (first drafts only), and a
+    sub-model exit still needs the checkpoint's depth."""
+    from balspec.checkpoint import init_exits_from
+    from balspec.training.loss import Distiller
+    from tests.test_train import tiny_config
+
+    model = sharp_model()
+    source = attach_exits(model, [3], draft_exits=[3])
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+    save_exits(source, model, tmp_path / "one")
+    deeper = attach_exits(model, [3], draft_exits=[3], balcony_layers=2)
+    init_exits_from(deeper, model, tmp_path / "one")
+    seq = [(5 * i + 2) % 250 + 3 for i in range(12)]
+    with torch.inference_mode():
+        hidden = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+        positions = torch.arange(len(seq))[None]
+        rope = model.model.rotary_emb(hidden[3], positions)
+        r = torch.zeros_like(positions)
+        torch.testing.assert_close(deeper[3](hidden[3], rope, hidden[-1], r), source[3](hidden[3], rope, hidden[-1], r))
+    save_exits(attach_exits(model, [3]), model, tmp_path / "sub")
+    with pytest.raises(BalspecError, match="1-layer balconies, this run 2-layer ones"):
+        init_exits_from(attach_exits(model, [3], balcony_layers=2), model, tmp_path / "sub")
+    with pytest.raises(BalspecError, match="exits.draft_chain"):
+        tiny_config(tmp_path / "bad", "exits.layers=[2]", "exits.draft=[2]", "exits.balcony_layers=2")
+    tiny_config(tmp_path / "ok", "exits.layers=[2]", "exits.draft=[2]", "exits.balcony_layers=2", "exits.draft_chain=1")
+    with pytest.raises(BalspecError, match="exits.draft_chain"):  # the library path too, not only the recipe
+        Distiller(deeper, draft_chain=3)
+    assert Distiller(deeper, draft_chain=1).draft_chain == 1

@@ -360,15 +360,15 @@ class Engine:
     def write_deep(self, exit_layer: int, final: torch.Tensor, start: int) -> None:
         """Draft-kind exit: make its balcony's K/V at positions start.. of the full model's final normed
         states `final` [1, rows, hidden] of verified tokens, replacing whatever it held there."""
-        layer = self.exits[exit_layer].layers[0]
-        slot = layer.self_attn.layer_idx
-        self.cache.rollback([slot], start)
+        layers = self.exits[exit_layer].layers
+        self.cache.rollback(self.exits.cache_slots(exit_layer), start)
         rows = self.rows(start, final.shape[1])
-        if self.lean:
-            rope = rows.views[self._kinds[-1]][0]
-            self.cache.update(*key_value(layer, final, rope, self.linear), slot)
-        else:  # the module makes its K/V only inside a whole pass: run one, keep the K/V it wrote
-            self._through([layer], self._kinds[-1:], final, rows)
+        for layer in layers:  # every balcony layer reads the verified positions' K/V made of their final states
+            if self.lean:
+                rope = rows.views[self._kinds[-1]][0]
+                self.cache.update(*key_value(layer, final, rope, self.linear), layer.self_attn.layer_idx)
+            else:  # the module makes its K/V only inside a whole pass: run one, keep the K/V it wrote
+                self._through([layer], self._kinds[-1:], final, rows)
         self.previous_deep = final[:, -1:]
 
     def _through(self, layers, kinds: list[str], hidden: torch.Tensor, rows: Rows) -> torch.Tensor:

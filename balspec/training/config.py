@@ -47,7 +47,7 @@ class ExitsConfig:
     balcony_layers: int = 1
     """Decoder layers per balcony (the paper uses one)."""
     draft: list[int] = field(default_factory=list)
-    """Exits among `layers` that are of the draft kind (DESIGN.md 3b): a one-layer balcony that also reads the
+    """Exits among `layers` that are of the draft kind (DESIGN.md 3b): a balcony whose every layer also reads the
     full model's final states of verified positions. Faster to draft with, but no standalone sub-model."""
     draft_chain: int = 3
     """Draft-kind exits: training simulates chains of up to this many drafts (each position is trained as if
@@ -309,7 +309,8 @@ def validate(config: TrainingConfig) -> None:
         ("exits.layer_init", c.exits.layer_init in LAYER_INITS, f"one of {', '.join(LAYER_INITS)}"),
         ("exits.balcony_layers", c.exits.balcony_layers >= 1, "at least 1"),
         ("exits.draft", set(c.exits.draft) <= set(c.exits.layers), "a subset of exits.layers"),
-        ("exits.draft", not c.exits.draft or c.exits.balcony_layers == 1, "empty when exits.balcony_layers > 1"),
+        ("exits.draft_chain", not c.exits.draft or c.exits.balcony_layers == 1 or c.exits.draft_chain == 1,
+         "1 when draft exits have exits.balcony_layers > 1 (only a cycle's first draft is simulated then)"),
         ("exits.draft_chain", c.exits.draft_chain >= 1, "at least 1"),
         ("data.block_size", c.data.block_size >= 2, "at least 2"),
         ("data.heldout_blocks", c.data.heldout_blocks >= 0, "0 or more"),

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from balspec.engine.architecture import Architecture
+from balspec.errors import BalspecError
 from balspec.exits import Exits
 
 
@@ -317,6 +318,9 @@ class Distiller(nn.Module):
         self.exits = exits
         self.ce_weight, self.chunk, self.checkpointing = ce_weight, chunk, checkpointing
         self.draft_chain = draft_chain  # draft-kind exits: r ~ uniform 0..draft_chain-1 unverified rows
+        if draft_chain > 1 and exits.balcony_layers > 1 and "draft" in exits.kinds.values():
+            raise BalspecError("exits.draft_chain: draft exits with more than one balcony layer train as a cycle's "
+                               "first draft only; set exits.draft_chain to 1")
         # [V] token ids: the KL over a reduced draft vocabulary (loss.draft_vocab); moves with the module
         self.register_buffer("draft_vocab", draft_vocab, persistent=False)
         self.workspace = Workspace()
