@@ -307,8 +307,9 @@ def init_exits_from(exits: Exits, model: nn.Module, path: str | Path, source_exi
         raise BalspecError(f"{where} has {source.module} balconies, this run {exits.module} ones")
     deeper = source.balcony_layers < exits.balcony_layers and set(exits.kinds.values()) == {"draft"}
     if source.balcony_layers != exits.balcony_layers and not deeper:
+        hint = " (only draft exits may start from fewer layers)" if source.balcony_layers < exits.balcony_layers else ""
         raise BalspecError(f"{where} has {source.balcony_layers}-layer balconies, this run "
-                           f"{exits.balcony_layers}-layer ones (only draft exits may start from fewer layers)")
+                           f"{exits.balcony_layers}-layer ones{hint}")
     with torch.no_grad():
         for e in exits.exits:
             target = exits[e].state_dict()

@@ -162,7 +162,9 @@ class Balcony(nn.Module):
         query = torch.where((r == 0)[..., None], pending, hidden)
         out = context_layer(self.layers[0], query, [deep, pending, hidden], position_embeddings,
                             self.arch.mask(mask[:, None], hidden.dtype))
-        if len(self.layers) > 1:  # first drafts only (r = 0, exits.draft_chain 1): deep K/V below i, its own at i
+        # Further layers assume r = 0 everywhere (Distiller and the config refuse exits.draft_chain > 1 with them;
+        # not checked here, which would cost a host sync per step): deep K/V below i, its own input at i.
+        if len(self.layers) > 1:
             mask = torch.cat([key < position[:, None], key == position[:, None]], -1)  # [L, 2L]
             if self.window is not None:
                 mask &= (key > position[:, None] - self.window).repeat(1, 1, 2)

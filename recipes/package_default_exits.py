@@ -142,9 +142,12 @@ def add_exits(model, exits, meta: dict, other_path: str, replace: bool = False) 
     continued training run of that exit)."""
     other, other_meta = load_exits(model, other_path)
     overlap = set(exits.exits) & set(other.exits)
-    if (overlap and not replace) or (exits.norm_init, exits.balcony_layers) != (other.norm_init, other.balcony_layers):
+    if exits.balcony_layers != other.balcony_layers:
+        raise BalspecError(f"--add: {other_path} has {other.balcony_layers}-layer balconies, the exits it joins "
+                           f"{exits.balcony_layers}-layer ones; one checkpoint holds one balcony depth")
+    if (overlap and not replace) or exits.norm_init != other.norm_init:
         raise BalspecError(f"--add: {other_path} must hold other exits than {exits.exits} (or --replace), with the "
-                           "same norm init and balcony depth")
+                           "same norm init")
     training = dict(meta.get("training") or {})
     added = training.get("added_exits", [])
     replaced = [entry for entry in added if overlap & set(entry["exits"])]

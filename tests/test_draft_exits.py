@@ -262,6 +262,9 @@ def test_packaging_adds_draft_exits_beside_sub_model_exits(tmp_path):
     assert training["steps"] == 3 and training["added_exits"][0]["training"] == {"steps": 7}
     with pytest.raises(BalspecError, match="other exits"):
         add_exits(model, drafts, {}, str(tmp_path / "drafts"))
+    save_exits(attach_exits(model, [3], draft_exits=[3], balcony_layers=2), model, tmp_path / "deep")
+    with pytest.raises(BalspecError, match="has 2-layer balconies, the exits it joins 1-layer ones"):
+        add_exits(model, shipped, {}, str(tmp_path / "deep"))
 
     # --replace: a continued run of added exits 1,2 takes their place; their old record becomes its earlier stage
     with torch.no_grad():

@@ -61,8 +61,8 @@ class ExitsConfig:
     holds the trained model (a Hugging Face directory: --model OUTPUT finds the exits beside it)."""
     init_from: str | None = None
     """An exits checkpoint whose balconies start this run instead of the init above (continue training on new
-    data); it must hold every exit of `layers` (or exits.init_exit), with the same balcony_layers, for the same base
-    model."""
+    data); it must hold every exit of `layers` (or exits.init_exit), with the same balcony_layers (draft exits: as
+    many or fewer; the added layers start as the identity), for the same base model."""
     init_exit: int | None = None
     """With init_from: start every exit of `layers` from this one exit of init_from instead of the same exit
     (e.g. a draft exit 0 from a trained draft exit 2; the balconies have the same shapes at every exit)."""
