@@ -160,6 +160,44 @@ def test_draft_vocabulary_kl_is_the_renormalised_kl_over_the_vocabulary_weighted
     assert float(losses.agree.min()) < 1 and not (teacher_top[:, None] == vocab).any(-1).all()  # some out of V
 
 
+@pytest.mark.parametrize("reduced", [False, True], ids=["whole-vocabulary", "draft-vocabulary"])
+def test_top1_cross_entropy_adds_the_ce_to_the_teachers_top1_token(reduced):
+    """loss.top1_weight: KL (over V with a draft vocabulary) + w x CE to the teacher's top-1 token, averaged over
+    every position, a position whose top-1 lies outside V adding none: loss and gradients as written by hand."""
+    generator = torch.Generator().manual_seed(3)
+    n, hidden_size, vocab_size, w = 21, 16, 50, 0.7
+    head = torch.nn.Linear(hidden_size, vocab_size, bias=False).requires_grad_(False)
+    teacher_hidden = torch.randn(n, hidden_size, generator=generator) * 3  # [positions, hidden]
+    vocab = torch.randperm(vocab_size, generator=generator)[:15].sort().values if reduced else None
+    hidden = [torch.randn(n, hidden_size, generator=generator, requires_grad=True) for _ in range(2)]
+
+    losses = distill_losses(hidden, teacher_hidden, head, chunk=8, vocab=vocab, top1_weight=w)
+    losses.loss.sum().backward()
+    fused_grads = [h.grad.clone() for h in hidden]
+    for h in hidden:
+        h.grad = None
+    teacher = head(teacher_hidden).double()
+    top = teacher.argmax(-1)  # [positions], over the whole vocabulary
+    columns = torch.arange(vocab_size) if vocab is None else vocab
+    p = torch.softmax(teacher, -1)[:, columns]
+    mass = p.sum(-1, keepdim=True)
+    inside = (top[:, None] == columns).any(-1)  # [positions]
+    target = (top[:, None] == columns).double().argmax(-1)  # the top-1's column (any where outside)
+    expected, ces = 0.0, []
+    for h in hidden:
+        log_q = torch.log_softmax(head(h)[:, columns].double(), -1)
+        kl = (mass.squeeze(-1) * (p / mass * ((p / mass).log() - log_q)).sum(-1)).mean()
+        ce = (-log_q.gather(1, target[:, None]).squeeze(1) * inside).sum() / n
+        expected, _ = expected + kl + w * ce, ces.append(ce)
+    expected.backward()
+
+    torch.testing.assert_close(losses.loss.sum().double(), expected.detach(), atol=1e-5, rtol=1e-5)
+    for got, h in zip(fused_grads, hidden):
+        torch.testing.assert_close(got, h.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(losses.ce.double(), torch.stack(ces).detach(), atol=1e-5, rtol=1e-5)
+    assert inside.all() != reduced  # the reduced case has positions outside V
+
+
 def test_distiller_equals_reference_kl_and_gradients():
     model = tiny_model()
     parts = model_parts(model)

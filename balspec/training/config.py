@@ -126,6 +126,10 @@ class OptimConfig:
 class LossConfig:
     ce_weight: float = 0.0
     """Weight of next-token cross-entropy added to each exit's KL (paper: 0, it does not help)."""
+    top1_weight: float = 0.0
+    """Weight of a cross-entropy to the teacher's top-1 token (the one greedy verification accepts) added to each
+    exit's KL; over the draft vocabulary with loss.draft_vocab (positions whose top-1 lies outside it add none).
+    Exclusive with ce_weight; balconies on a frozen base only."""
     sorted_target: str = "ce"
     """Method sorted: each sub-model's loss is next-token cross-entropy on the data ("ce", SoFT) or KL to the
     original full model, a frozen copy ("kl", plus ce_weight x CE)."""
@@ -335,6 +339,10 @@ def validate(config: TrainingConfig) -> None:
         ("optim.batch_size", c.optim.batch_size >= 1, "at least 1"),
         ("optim.grad_accum", c.optim.grad_accum >= 1, "at least 1"),
         ("loss.ce_weight", 0 <= c.loss.ce_weight < math.inf, "a finite number >= 0"),
+        ("loss.top1_weight", 0 <= c.loss.top1_weight < math.inf, "a finite number >= 0"),
+        ("loss.top1_weight", c.loss.top1_weight == 0 or c.loss.ce_weight == 0, "0 when loss.ce_weight > 0"),
+        ("loss.top1_weight", c.loss.top1_weight == 0 or (c.method == "balcony" and not c.exits.train_base),
+         "0 with method sorted or exits.train_base"),
         ("loss.chunk_size", c.loss.chunk_size >= 1, "at least 1"),
         ("loss.draft_vocab", c.loss.draft_vocab is None or set(c.exits.draft) == set(c.exits.layers),
          "null unless every exit is of the draft kind (a sub-model exit's early-exit mode needs every token)"),

@@ -135,7 +135,7 @@ def distill_losses(hidden: list[torch.Tensor], teacher_hidden: torch.Tensor, hea
                    labels: torch.Tensor | None = None, ce_weight: float = 0.0, chunk: int = 1024,
                    workspace: Workspace | None = None, vocab: torch.Tensor | None = None,
                    arch: Architecture | None = None,
-                   stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> ExitLosses:
+                   stats: tuple[torch.Tensor, torch.Tensor] | None = None, top1_weight: float = 0.0) -> ExitLosses:
     """Losses of the exits whose normed balcony outputs are `hidden` (each [positions, hidden_size]).
 
     teacher_hidden: the full model's final normed hidden states [positions, hidden_size]; labels:
@@ -156,11 +156,19 @@ def distill_losses(hidden: list[torch.Tensor], teacher_hidden: torch.Tensor, hea
     stats: the teacher's (lse, argmax) per position over the whole vocabulary (`teacher_stats`, from a teacher
     cache): with `vocab`, the teacher's logits are then made over V only, p_V = exp(t_V - lse), the same loss
     up to rounding for |V| / vocabulary of the teacher's head cost. Ignored without `vocab`.
+
+    top1_weight: adds top1_weight x the cross-entropy to the teacher's top-1 token (over the whole vocabulary),
+    the token greedy verification accepts, averaged over all positions; with `vocab` it is taken over V, and a
+    position whose top-1 lies outside V adds nothing (no draft from V could be accepted there). It stands in the
+    `ce` metric, in place of the data's CE (the two are exclusive). A mix of divergences for greedy drafting, as
+    DistillSpec (Zhou et al. 2023, arXiv 2310.08461) compares them.
     """
     if ce_weight > 0 and labels is None:
         raise ValueError("ce_weight > 0 needs labels")
     if vocab is not None and ce_weight > 0:
-        raise ValueError("a draft-vocabulary KL takes no cross-entropy term")
+        raise ValueError("a draft-vocabulary KL takes no cross-entropy to the data's tokens")
+    if ce_weight > 0 and top1_weight > 0:
+        raise ValueError("ce_weight and top1_weight are exclusive")
     want_grad = torch.is_grad_enabled() and any(h.requires_grad for h in hidden)
     n = teacher_hidden.shape[0]
     if n == 0:  # a batch without a counted position: zero loss, still a graph for backward (and DDP) to walk
@@ -169,7 +177,7 @@ def distill_losses(hidden: list[torch.Tensor], teacher_hidden: torch.Tensor, hea
     divisor, softcap = (arch.logits_divisor, arch.logit_softcap) if arch is not None else (None, None)
     loss, metrics = _FusedHeadKL.apply(teacher_hidden, labels, head.weight, head.bias, ce_weight, chunk,
                                        want_grad, workspace or Workspace(), vocab, divisor, softcap,
-                                       stats if vocab is not None else None, *hidden)
+                                       stats if vocab is not None else None, top1_weight, *hidden)
     return ExitLosses(loss, metrics[0], metrics[1], metrics[2], n)
 
 
@@ -185,9 +193,14 @@ class _FusedHeadKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, teacher_hidden, labels, weight, bias, ce_weight, chunk, want_grad, workspace, vocab, divisor,
-                softcap, stats, *hidden):
+                softcap, stats, top1_weight, *hidden):
         n, device = teacher_hidden.shape[0], teacher_hidden.device
         n_valid = max(int((labels >= 0).sum()), 1) if labels is not None else 1
+        if top1_weight > 0:  # the CE's target is the teacher's top-1, as a column of z; averaged over all positions
+            ce_weight, n_valid = top1_weight, n
+            column = None if vocab is None else torch.full((weight.shape[0],), -100, dtype=torch.long, device=device)
+            if column is not None:
+                column[vocab] = torch.arange(len(vocab), device=device)  # token id -> its column in V
         sums = torch.zeros(3, len(hidden), dtype=torch.float64, device=device)  # kl, ce, agree
         grads = [torch.empty_like(h) for h in hidden] if want_grad else None
         shape = (min(chunk, n), weight.shape[0])
@@ -204,7 +217,7 @@ class _FusedHeadKL(torch.autograd.Function):
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             size = rows.stop - rows.start
-            lab = labels[rows] if labels is not None else None
+            lab = labels[rows] if labels is not None and top1_weight == 0 else None
             if stats is not None:  # p_V = exp(t_V - lse): the teacher's lse and argmax come with its states
                 t = _finish(_logits_into(logits[:size], teacher_hidden[rows], weight_s, bias_s), divisor, softcap)
                 lse_t, top_t = stats[0][rows], stats[1][rows]
@@ -223,6 +236,8 @@ class _FusedHeadKL(torch.autograd.Function):
                     p_t = p_t.index_select(1, vocab)  # [chunk, |vocab|]
                     mass = p_t.sum(dim=-1)  # [chunk]: p(V)
                     p_logp = _rowdot(p_t, t.index_select(1, vocab)) - mass * lse_t - mass * mass.clamp(min=1e-30).log()
+            if top1_weight > 0:
+                lab = top_t if column is None else column[top_t]  # [chunk]: -100 where the top-1 is outside V
             for i, h in enumerate(hidden):
                 z = _finish(_logits_into(z_buf[:size], h[rows], weight_s, bias_s), divisor, softcap)
                 max_z, top_z = z.max(dim=-1)
@@ -235,9 +250,7 @@ class _FusedHeadKL(torch.autograd.Function):
                     z_label = z.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
                     sums[1, i] += ((lse_z - z_label) * (lab >= 0)).sum()
                 if want_grad:
-                    if mass is not None:
-                        q_z.mul_(mass.unsqueeze(-1))  # d/dz = p(V) q - p_V
-                    scale = _logit_gradient(q_z, p_t, n, ce_weight, n_valid, lab)
+                    scale = _logit_gradient(q_z, p_t, n, ce_weight, n_valid, lab, mass)
                     if softcap is not None:  # z is no longer needed: its buffer takes dz/dx
                         q_z.mul_(z.div_(softcap).square_().neg_().add_(1))
                     if divisor is not None:
@@ -253,7 +266,7 @@ class _FusedHeadKL(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_metrics):
         grads = [g * grad_loss[i].to(g.dtype) for i, g in enumerate(ctx.grads)]
         ctx.grads = None
-        return (None,) * 12 + tuple(grads)
+        return (None,) * 13 + tuple(grads)
 
 
 def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -291,15 +304,19 @@ def _logsumexp(row_max: torch.Tensor, softmax: torch.Tensor, argmax: torch.Tenso
 
 
 def _logit_gradient(q: torch.Tensor, p: torch.Tensor, n: int, ce_weight: float, n_valid: int,
-                    labels: torch.Tensor | None) -> float:
+                    labels: torch.Tensor | None, mass: torch.Tensor | None = None) -> float:
     """Turn q into d loss / d z, in place, up to a factor that is returned: it is applied after the head
     matmul, to the [chunk, hidden] product instead of the [chunk, vocab] tensor.
-    d loss / d z = (q - p) / n + ce_weight * (q - onehot(label)) / n_valid."""
+    d loss / d z = (m q - p) / n + ce_weight * (q - onehot(label)) / n_valid, with m = p(V) [chunk] over a
+    draft vocabulary (`mass`), else 1."""
     if labels is None or ce_weight == 0:
+        if mass is not None:
+            q.mul_(mass.unsqueeze(-1))  # d/dz = p(V) q - p_V
         q.sub_(p)
         return 1.0 / n
     ok = labels >= 0
-    scale = torch.full_like(q[:, 0], 1.0 / n) + ok * (ce_weight / n_valid)  # [chunk]
+    kl_scale = torch.full_like(q[:, 0], 1.0 / n) if mass is None else mass / n
+    scale = kl_scale + ok * (ce_weight / n_valid)  # [chunk]
     q.mul_(scale.unsqueeze(-1)).sub_(p, alpha=1.0 / n)
     rows = torch.nonzero(ok).squeeze(1)
     q[rows, labels[rows]] -= ce_weight / n_valid
@@ -313,10 +330,11 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, exits: Exits, ce_weight: float = 0.0, chunk: int = 1024, checkpointing: bool = False,
-                 draft_chain: int = 1, draft_vocab: torch.Tensor | None = None):
+                 draft_chain: int = 1, draft_vocab: torch.Tensor | None = None, top1_weight: float = 0.0):
         super().__init__()
         self.exits = exits
         self.ce_weight, self.chunk, self.checkpointing = ce_weight, chunk, checkpointing
+        self.top1_weight = top1_weight  # CE to the teacher's top-1 (distill_losses)
         self.draft_chain = draft_chain  # draft-kind exits: r ~ uniform 0..draft_chain-1 unverified rows
         if draft_chain > 1 and exits.balcony_layers > 1 and "draft" in exits.kinds.values():
             raise BalspecError("exits.draft_chain: draft exits with more than one balcony layer train as a cycle's "
@@ -366,4 +384,4 @@ class Distiller(nn.Module):
             flat_labels = flat_labels.index_select(0, rows) if flat_labels is not None else None
             flat_stats = None if flat_stats is None else [s.index_select(0, rows) for s in flat_stats]
         return distill_losses(normed, teacher, head, flat_labels, self.ce_weight, self.chunk, self.workspace,
-                              self.draft_vocab, self.exits.arch, flat_stats)
+                              self.draft_vocab, self.exits.arch, flat_stats, self.top1_weight)

@@ -98,7 +98,7 @@ def train(config: TrainingConfig, resume_from: Path | None = None) -> Path:
                                       c.loss.ce_weight, c.loss.chunk_size, original)
         else:
             distiller = Distiller(exits, c.loss.ce_weight, c.loss.chunk_size, c.train.gradient_checkpointing,
-                                  c.exits.draft_chain, loss_vocab)
+                                  c.exits.draft_chain, loss_vocab, c.loss.top1_weight)
         optimizer = build_optimizer(distiller, c)
         # Not prepared: a prepared scheduler steps once per process; this one steps once per optimizer step.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(c))
