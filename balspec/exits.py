@@ -156,18 +156,19 @@ class Balcony(nn.Module):
         r = torch.minimum(unverified, position)  # position 0 is always a prompt token
         first_own = (position - r)[..., None]  # [b, L, 1]: the cycle's pending token
         key = position.view(1, 1, -1)
+        near = None if self.window is None else key > position[:, None] - self.window  # [1, L, L]
         mask = torch.cat([key < first_own, key == first_own, (key > first_own) & (key <= position[:, None])], -1)
-        if self.window is not None:  # keys at the same positions in each of the three blocks
-            mask &= (key > position[:, None] - self.window).repeat(1, 1, 3)
+        if near is not None:  # keys at the same positions in each of the three blocks
+            mask &= near.repeat(1, 1, 3)
         query = torch.where((r == 0)[..., None], pending, hidden)
         out = context_layer(self.layers[0], query, [deep, pending, hidden], position_embeddings,
                             self.arch.mask(mask[:, None], hidden.dtype))
         # Further layers assume r = 0 everywhere (Distiller and the config refuse exits.draft_chain > 1 with them;
         # not checked here, which would cost a host sync per step): deep K/V below i, its own input at i.
         if len(self.layers) > 1:
-            mask = torch.cat([key < position[:, None], key == position[:, None]], -1)  # [L, 2L]
-            if self.window is not None:
-                mask &= (key > position[:, None] - self.window).repeat(1, 1, 2)
+            mask = torch.cat([key < position[:, None], key == position[:, None]], -1)  # [1, L, 2L]
+            if near is not None:
+                mask &= near.repeat(1, 1, 2)
             mask = self.arch.mask(mask.expand(hidden.shape[0], -1, -1)[:, None], hidden.dtype)
             for layer in self.layers[1:]:
                 out = context_layer(layer, out, [deep, out], position_embeddings, mask)
@@ -282,7 +283,8 @@ def _reinit(layer: nn.Module, config, generator: torch.Generator) -> None:
 def identity_layer(layer: nn.Module) -> None:
     """Zero the projections a decoder layer adds to its residual stream (attention's output, the MLP's down
     projection): the layer then passes its input through unchanged, and learns from there (ReZero-style)."""
-    outputs = [getattr(layer.self_attn, "o_proj", None), getattr(getattr(layer, "mlp", None), "down_proj", None)]
+    outputs = [getattr(getattr(layer, "self_attn", None), "o_proj", None),
+               getattr(getattr(layer, "mlp", None), "down_proj", None)]
     if any(o is None for o in outputs):
         raise BalspecError(f"a {type(layer).__name__} has no self_attn.o_proj and mlp.down_proj to start as the "
                            "identity from; init from a checkpoint with as many balcony layers")

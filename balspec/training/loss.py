@@ -196,11 +196,12 @@ class _FusedHeadKL(torch.autograd.Function):
                 softcap, stats, top1_weight, *hidden):
         n, device = teacher_hidden.shape[0], teacher_hidden.device
         n_valid = max(int((labels >= 0).sum()), 1) if labels is not None else 1
-        if top1_weight > 0:  # the CE's target is the teacher's top-1, as a column of z; averaged over all positions
+        column = None  # with top1_weight over a draft vocabulary: token id -> its column of z (-100: outside V)
+        if top1_weight > 0:  # the CE's target is the teacher's top-1; averaged over all positions
             ce_weight, n_valid = top1_weight, n
-            column = None if vocab is None else torch.full((weight.shape[0],), -100, dtype=torch.long, device=device)
-            if column is not None:
-                column[vocab] = torch.arange(len(vocab), device=device)  # token id -> its column in V
+            if vocab is not None:
+                column = torch.full((weight.shape[0],), -100, dtype=torch.long, device=device)
+                column[vocab] = torch.arange(len(vocab), device=device)
         sums = torch.zeros(3, len(hidden), dtype=torch.float64, device=device)  # kl, ce, agree
         grads = [torch.empty_like(h) for h in hidden] if want_grad else None
         shape = (min(chunk, n), weight.shape[0])
